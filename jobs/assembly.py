@@ -1,0 +1,169 @@
+"""Turns a validated config into ready objects: prepared data, datamodule, towers, LightningModule, Trainer."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.preprocess import PreparedDataset, load_prepared, prepare
+from datamodules.sequence_datamodule import SequenceDataModule
+from lightning_modules.hf_backbones import build_bert_encoder, build_gpt2, load_tokenizer
+from lightning_modules.item_tower import ItemTower, tokenize_catalog
+from lightning_modules.pretrain_module import PretrainModule
+from lightning_modules.ranking_metrics import category_matrix
+from lightning_modules.retrieval_module import RetrievalModule
+from lightning_modules.sampled_softmax import SampledSoftmaxLoss
+from lightning_modules.two_tower_model import TwoTowerModel
+from lightning_modules.two_tower_module import TwoTowerModule
+from lightning_modules.user_tower import UserTower
+
+log = logging.getLogger(__name__)
+
+PREPARE_VERSION = 1  # bump when preprocessing changes what it writes
+
+
+def data_fingerprint(cfg: DictConfig) -> str:
+    reader = OmegaConf.to_container(cfg.data.reader, resolve=True)
+    reader.pop("cache_dir", None)
+    key = {"reader": reader, "min_user_interactions": cfg.data.min_user_interactions, "dedupe": cfg.data.dedupe, "v": PREPARE_VERSION}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_data(cfg: DictConfig) -> PreparedDataset:
+    """Read and preprocess the configured dataset into ``data_dir/<name>``, unless already there."""
+    folder = Path(cfg.paths.data_dir) / cfg.data.name
+    fingerprint = data_fingerprint(cfg)
+    ready = load_prepared(folder, fingerprint)
+    if ready is not None:
+        log.info("data: reusing %s (%d users, %d items)", folder, ready.num_users, ready.num_items)
+        return ready
+    raw = instantiate(cfg.data.reader, _convert_="all")
+    return prepare(raw, folder, cfg.data.min_user_interactions, cfg.data.dedupe, fingerprint)
+
+
+def build_datamodule(cfg: DictConfig) -> SequenceDataModule:
+    prepared = prepare_data(cfg)
+    dm = SequenceDataModule(
+        prepared.folder,
+        max_seq_len=cfg.data.max_seq_len,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        train_windows=str(cfg.data.train_windows.value if hasattr(cfg.data.train_windows, "value") else cfg.data.train_windows),
+    )
+    dm.setup()
+    return dm
+
+
+def _value(x):
+    return x.value if hasattr(x, "value") else x
+
+
+def build_model(cfg: DictConfig, dm: SequenceDataModule) -> TwoTowerModel:
+    """Both towers from ``cfg.model`` for the datamodule's catalog."""
+    m, it, ut = cfg.model, cfg.model.item_tower, cfg.model.user_tower
+    encoder = token_ids = attention = None
+    if it.use_text:
+        tokenizer = load_tokenizer(it.tokenizer)
+        encoder = build_bert_encoder(
+            it.pretrained, tokenizer.vocab_size, it.hidden_size, it.num_layers, it.num_heads, it.intermediate_size, it.dropout, m.attn_implementation
+        )
+        token_ids, attention = tokenize_catalog(tokenizer, dm.item_texts, it.max_text_tokens)
+    item_tower = ItemTower(
+        dm.num_items,
+        m.dim,
+        encoder,
+        token_ids,
+        attention,
+        pooling=_value(it.pooling),
+        use_id_embedding=it.use_id_embedding,
+        freeze_encoder=it.freeze_encoder,
+        unfreeze_top_layers=it.unfreeze_top_layers,
+        dropout=it.dropout,
+    )
+    gpt = build_gpt2(ut.n_layer, ut.n_head, ut.n_embd, max(cfg.data.max_seq_len, 8), ut.dropout, m.attn_implementation)
+    return TwoTowerModel(item_tower, UserTower(gpt, m.dim), temperature=m.temperature, normalize=m.normalize)
+
+
+def build_module(cfg: DictConfig, stage: str, model: TwoTowerModel, dm: SequenceDataModule) -> RetrievalModule:
+    """The LightningModule of ``stage`` ('pretrain' or 'finetune')."""
+    s = cfg[stage]
+    loss = None
+    if _value(s.loss.kind) == "sampled_softmax":
+        loss = SampledSoftmaxLoss(
+            torch.as_tensor(dm.item_train_counts), s.loss.num_negatives, _value(s.loss.sampler), s.loss.logq_correction, s.loss.popularity_alpha
+        )
+    common = dict(
+        sampled_loss=loss,
+        lr=s.lr,
+        encoder_lr_scale=cfg.trainer.encoder_lr_scale,
+        weight_decay=cfg.trainer.weight_decay,
+        warmup_steps=cfg.trainer.warmup_steps,
+        lr_schedule=_value(cfg.trainer.lr_schedule),
+        train_positions=_value(s.train_positions),
+        ks=tuple(cfg.trainer.metrics_ks),
+        item_categories=category_matrix(dm.item_categories),
+    )
+    if stage == "pretrain":
+        mask_id, specials = None, ()
+        if s.mlm_weight > 0:
+            tokenizer = load_tokenizer(cfg.model.item_tower.tokenizer)
+            mask_id, specials = tokenizer.mask_token_id, tuple(tokenizer.all_special_ids)
+        return PretrainModule(model, mlm_weight=s.mlm_weight, mlm_probability=s.mlm_probability, mlm_batch_items=s.mlm_batch_items, mask_token_id=mask_id, special_token_ids=specials, **common)
+    return TwoTowerModule(model, **common)
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    """TensorBoard and wandb (offline by default) loggers writing inside the run folder."""
+    loggers: list = []
+    if cfg.logger.tensorboard.enabled:
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+    mode = os.environ.get("WANDB_MODE", cfg.logger.wandb.mode)
+    if cfg.logger.wandb.enabled and mode != "disabled":
+        from pytorch_lightning.loggers import WandbLogger
+
+        loggers.append(
+            WandbLogger(
+                save_dir=str(run_dir),
+                project=cfg.logger.wandb.project,
+                entity=cfg.logger.wandb.entity,
+                group=cfg.logger.wandb.group,
+                tags=list(cfg.logger.wandb.tags),
+                name=f"{cfg.experiment_name}-{cfg.job}-{run_dir.parent.name}-{run_dir.name}",
+                mode=mode,
+            )
+        )
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for lg in loggers:
+        lg.log_hyperparams(plain)
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, stage: str, run_dir: Path, callbacks: list) -> pl.Trainer:
+    t, hw = cfg.trainer, cfg.hardware
+    return pl.Trainer(
+        accelerator=hw.accelerator,
+        devices=hw.devices,
+        num_nodes=hw.num_nodes,
+        precision=hw.precision or t.precision,
+        max_epochs=cfg[stage].max_epochs,
+        gradient_clip_val=t.gradient_clip_val,
+        deterministic=t.deterministic,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        limit_train_batches=t.limit_train_batches,
+        enable_progress_bar=t.enable_progress_bar,
+        num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
+        logger=build_loggers(cfg, run_dir) or False,
+        callbacks=callbacks,
+    )

@@ -1,0 +1,24 @@
+"""``python -m jobs.pretrain experiment=...``: next-item pretraining of both towers (optional MLM on item text)."""
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from jobs.config_schema import register
+from jobs.training import run_stage_job
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    return run_stage_job(cfg, "pretrain")
+
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

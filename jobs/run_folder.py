@@ -1,0 +1,82 @@
+"""The run folder contract (DESIGN.md section 4): config.yaml, metrics.json, checkpoints/, run.log."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+MODEL_CKPT = Path("checkpoints") / "model.ckpt"
+
+
+def create_run_folder(cfg: DictConfig) -> Path:
+    """Resolve ``paths.output_dir`` once, pin it in the config, create it and write config.yaml."""
+    run_dir = Path(str(cfg.paths.output_dir)).resolve()
+    cfg.paths.output_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    return run_dir
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, float]) -> Path:
+    """Write the flat ``metrics.json`` (NaN/inf written as null so it stays valid JSON)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in sorted(metrics.items())}
+    path = Path(run_dir) / "metrics.json"
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(clean, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+@contextmanager
+def run_log_file(run_dir: Path) -> Iterator[Path]:
+    """Copy everything logged while the job runs into ``<run_dir>/run.log``."""
+    path = Path(run_dir) / "run.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _experiment_of(run_dir: Path) -> str | None:
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        return None
+    return OmegaConf.load(cfg_path).get("experiment_name")
+
+
+def find_latest_run(outputs_root: str | Path, job: str, experiment_name: str) -> Path:
+    """Newest ``<outputs_root>/<job>/<date>/<time>`` folder of this experiment with a model.ckpt."""
+    root = Path(outputs_root) / job
+    candidates = [p.parent.parent for p in root.glob(f"*/*/{MODEL_CKPT.as_posix()}")]
+    candidates = [c for c in candidates if _experiment_of(c) == experiment_name]
+    if not candidates:
+        raise FileNotFoundError(f"no finished '{job}' run of experiment '{experiment_name}' under {root} (looked for */*/{MODEL_CKPT})")
+    return max(candidates, key=lambda c: (c / MODEL_CKPT).stat().st_mtime)
+
+
+def resolve_model_checkpoint(spec: str, outputs_root: str | Path, job: str, experiment_name: str) -> Path:
+    """A run folder, a model.ckpt file or 'latest' (newest run of ``job``) -> the model.ckpt path."""
+    if spec == "latest":
+        path = find_latest_run(outputs_root, job, experiment_name) / MODEL_CKPT
+        log.info("using the latest %s run: %s", job, path.parent.parent)
+        return path
+    path = Path(spec)
+    if path.is_dir():
+        path = path / MODEL_CKPT
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec}: no such checkpoint (expected a run folder containing {MODEL_CKPT}, a .ckpt file or 'latest')")
+    return path

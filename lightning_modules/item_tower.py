@@ -1,0 +1,128 @@
+"""Item tower: a BERT-family encoder over item text, pooled and projected, plus an optional id embedding."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def tokenize_catalog(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention masks of every item text, padded to a common length."""
+    enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+class ItemTower(nn.Module):
+    """Maps item indices to ``dim``-vectors: projected pooled text encoding (+ id embedding).
+
+    ``encoder`` (a Hugging Face BERT-family model) may be ``None`` for an id-only tower.
+    A fully frozen encoder's pooled outputs are computed once and cached; with
+    ``unfreeze_top_layers`` only the top layers (and the projection) train.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        dim: int,
+        encoder: nn.Module | None = None,
+        token_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pooling: str = "mean",
+        use_id_embedding: bool = True,
+        freeze_encoder: bool = True,
+        unfreeze_top_layers: int = 0,
+        dropout: float = 0.1,
+        chunk_size: int = 256,
+    ):
+        super().__init__()
+        if encoder is None and not use_id_embedding:
+            raise ValueError("model.item_tower: with use_text=false the id embedding is the only input; set use_id_embedding=true")
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"model.item_tower.pooling must be 'mean' or 'cls', got '{pooling}'")
+        self.num_items = num_items
+        self.dim = dim
+        self.pooling = pooling
+        self.chunk_size = chunk_size
+        self.encoder = encoder
+        self.id_embedding = nn.Embedding(num_items, dim) if use_id_embedding else None
+        if self.id_embedding is not None:
+            nn.init.normal_(self.id_embedding.weight, std=dim**-0.5)
+        self.dropout = nn.Dropout(dropout)
+        self.text_proj: nn.Module | None = None
+        if encoder is not None:
+            if token_ids is None or attention_mask is None or token_ids.shape[0] != num_items:
+                raise ValueError("ItemTower: token_ids/attention_mask for every catalog item are required with an encoder")
+            self.register_buffer("token_ids", token_ids, persistent=False)
+            self.register_buffer("attention_mask", attention_mask, persistent=False)
+            self.text_proj = nn.Linear(encoder.config.hidden_size, dim)
+            self._apply_freezing(freeze_encoder, unfreeze_top_layers)
+        self._text_cache: torch.Tensor | None = None
+        self.train()
+
+    def _apply_freezing(self, freeze: bool, unfreeze_top_layers: int) -> None:
+        assert self.encoder is not None
+        layers = self.encoder.encoder.layer
+        if unfreeze_top_layers < 0 or unfreeze_top_layers > len(layers):
+            raise ValueError(f"model.item_tower.unfreeze_top_layers must be in [0, {len(layers)}], got {unfreeze_top_layers}")
+        self.encoder.requires_grad_(not freeze)
+        if freeze and unfreeze_top_layers:
+            for layer in layers[len(layers) - unfreeze_top_layers :]:
+                layer.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "ItemTower":
+        """A fully frozen encoder stays in eval mode (no dropout), whatever the tower's mode."""
+        super().train(mode)
+        if self.encoder is not None and self.encoder_frozen:
+            self.encoder.eval()
+        return self
+
+    @property
+    def encoder_frozen(self) -> bool:
+        return self.encoder is not None and not any(p.requires_grad for p in self.encoder.parameters())
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+    def encode_text(self, item_idx: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder output for the given (unique) items: [n, hidden]."""
+        assert self.encoder is not None
+        ids = self.token_ids[item_idx]
+        mask = self.attention_mask[item_idx]
+        width = int(mask.sum(dim=1).max().item()) if mask.numel() else 1
+        hidden = self.encoder(input_ids=ids[:, :width], attention_mask=mask[:, :width]).last_hidden_state
+        return self._pool(hidden, mask[:, :width])
+
+    def _frozen_text(self, item_idx: torch.Tensor) -> torch.Tensor:
+        if self._text_cache is None or self._text_cache.device != item_idx.device:
+            with torch.no_grad():
+                all_idx = torch.arange(self.num_items, device=item_idx.device)
+                self._text_cache = torch.cat([self.encode_text(c) for c in all_idx.split(self.chunk_size)])
+            log.info("item tower: cached frozen text encodings of %d items", self.num_items)
+        return self._text_cache[item_idx]
+
+    def forward(self, item_idx: torch.Tensor) -> torch.Tensor:
+        """Item vectors for any-shaped index tensor: [...] -> [..., dim]."""
+        flat = item_idx.reshape(-1)
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        out = None
+        if self.encoder is not None:
+            text = self._frozen_text(unique) if self.encoder_frozen else self.encode_text(unique)
+            out = self.text_proj(text)
+        if self.id_embedding is not None:
+            ids = self.id_embedding(unique)
+            out = ids if out is None else out + ids
+        out = self.dropout(out)
+        return out[inverse].reshape(*item_idx.shape, self.dim)
+
+    @torch.no_grad()
+    def all_vectors(self) -> torch.Tensor:
+        """Vectors of the whole catalog, [num_items, dim], computed in chunks."""
+        device = next(self.parameters()).device
+        idx = torch.arange(self.num_items, device=device)
+        return torch.cat([self.forward(c) for c in idx.split(self.chunk_size)])

@@ -1,0 +1,128 @@
+"""What the pretraining and fine-tuning LightningModules share: the next-item objective,
+full-ranking validation and the optimiser."""
+from __future__ import annotations
+
+import math
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_modules.ranking_metrics import DEFAULT_KS, RankingAccumulator
+from lightning_modules.sampled_softmax import SampledSoftmaxLoss, full_softmax_loss
+from lightning_modules.two_tower_model import TwoTowerModel
+
+log = logging.getLogger(__name__)
+
+
+class RetrievalModule(pl.LightningModule):
+    """Trains a TwoTowerModel on next-item prediction; validates by full ranking of the catalog.
+
+    ``sampled_loss`` None means a full softmax over the catalog (for small catalogs).
+    ``train_positions``: 'all' predicts the next item at every position (causal),
+    'last' only after each window's last item.
+    """
+
+    def __init__(
+        self,
+        model: TwoTowerModel,
+        sampled_loss: SampledSoftmaxLoss | None = None,
+        lr: float = 1e-3,
+        encoder_lr_scale: float = 0.1,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        train_positions: str = "all",
+        ks: tuple[int, ...] = DEFAULT_KS,
+        item_categories: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        if train_positions not in ("all", "last"):
+            raise ValueError(f"train_positions must be 'all' or 'last', got '{train_positions}'")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"trainer.lr_schedule must be 'constant' or 'cosine', got '{lr_schedule}'")
+        self.model = model
+        self.sampled_loss = sampled_loss
+        self.lr = lr
+        self.encoder_lr_scale = encoder_lr_scale
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.lr_schedule = lr_schedule
+        self.train_positions = train_positions
+        self.ks = tuple(ks)
+        self.item_categories = item_categories
+        self.val_history: list[dict[str, float]] = []  # one dict of val/* metrics per validation epoch
+        self._val: RankingAccumulator | None = None
+        self._catalog: torch.Tensor | None = None
+
+    # ---- objective -------------------------------------------------------------------
+    def next_item_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        states = self.model.user_states(batch["items"], batch["mask"])
+        targets = batch["targets"]
+        if self.train_positions == "last":
+            last = batch["mask"].long().sum(dim=1) - 1
+            rows = torch.arange(targets.shape[0], device=targets.device)
+            users, positives = states[rows, last], targets[rows, last]
+        else:
+            keep = targets >= 0
+            users, positives = states[keep], targets[keep]
+        if self.sampled_loss is None:
+            return full_softmax_loss(self.model.score(users, self.model.catalog_vectors_train()), positives)
+        cand, labels, log_q = self.sampled_loss.candidates(positives)
+        logits = self.model.score(users, self.model.item_vectors(cand))
+        return self.sampled_loss(logits, labels, log_q)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.next_item_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["items"].shape[0])
+        return loss
+
+    # ---- validation: full ranking on the validation item, seen items removed -------------
+    def on_validation_epoch_start(self) -> None:
+        self._catalog = self.model.catalog_vectors()
+        self._val = RankingAccumulator(self.model.item_tower.num_items, self.ks, self.item_categories)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        scores = self.model.score(self.model.user_vectors(batch["items"], batch["mask"]), self._catalog)
+        self._val.update(scores, batch["targets"], batch["seen"])
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._val.compute()
+        n = sum(r.numel() for r in self._val.ranks)
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, prog_bar=name == "ndcg@10", sync_dist=True, batch_size=n)
+        if not self.trainer.sanity_checking:
+            self.val_history.append({f"val/{k}": v for k, v in metrics.items()} | {"epoch": float(self.current_epoch)})
+            shown = ("ndcg@10", "recall@10", "mrr@10", "coverage@10")
+            log.info("epoch %d: %s", self.current_epoch, "  ".join(f"val/{k} {metrics[k]:.4f}" for k in shown if k in metrics))
+        self._val, self._catalog = None, None
+
+    # ---- optimiser -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        encoder = self.model.item_tower.encoder
+        encoder_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            decay = p.ndim >= 2 and "embedding" not in name and "wpe" not in name
+            groups.setdefault((id(p) in encoder_ids, decay), []).append(p)
+        param_groups = [
+            {"params": ps, "lr": self.lr * (self.encoder_lr_scale if is_enc else 1.0), "weight_decay": self.weight_decay if decay else 0.0}
+            for (is_enc, decay), ps in sorted(groups.items())
+        ]
+        optimizer = torch.optim.AdamW(param_groups, lr=self.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.lr_schedule == "cosine" else 0
+        warmup = self.warmup_steps
+
+        def factor(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            if total:
+                progress = min(1.0, (step - warmup) / max(1, total - warmup))
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

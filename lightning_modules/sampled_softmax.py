@@ -1,0 +1,55 @@
+"""Softmax losses over the catalog: sampled (in-batch + sampled negatives, logQ corrected) or full."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SampledSoftmaxLoss(nn.Module):
+    """Cross-entropy over a candidate set: the batch's positives plus ``num_negatives`` sampled items.
+
+    Candidates are deduplicated, so an item never appears both as a row's positive and as a
+    negative of the same row. With ``logq_correction`` each candidate's logit is reduced by
+    log of its expected number of occurrences in the candidate set,
+    ``log(M * p_data(j) + S * q(j))`` for M positives drawn from the data distribution
+    ``p_data`` (training item frequencies) and S negatives drawn from the proposal ``q``,
+    which removes the popularity bias of in-batch negatives.
+    """
+
+    def __init__(self, item_counts: torch.Tensor, num_negatives: int = 256, sampler: str = "uniform", logq_correction: bool = True, popularity_alpha: float = 1.0):
+        super().__init__()
+        if sampler not in ("uniform", "popularity"):
+            raise ValueError(f"model.loss.sampler must be 'uniform' or 'popularity', got '{sampler}'")
+        if num_negatives < 0:
+            raise ValueError(f"model.loss.num_negatives must be >= 0, got {num_negatives}")
+        counts = torch.as_tensor(item_counts, dtype=torch.float64)
+        data_p = (counts + 1e-3) / (counts + 1e-3).sum()
+        if sampler == "uniform":
+            proposal = torch.full_like(counts, 1.0 / counts.numel())
+        else:
+            w = (counts + 1.0) ** popularity_alpha
+            proposal = w / w.sum()
+        self.register_buffer("data_p", data_p.float(), persistent=False)
+        self.register_buffer("proposal", proposal.float(), persistent=False)
+        self.num_negatives = num_negatives
+        self.logq_correction = logq_correction
+
+    def candidates(self, positives: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(unique candidate items [C], label of each positive in them [M], log Q of each candidate [C])."""
+        sampled = torch.multinomial(self.proposal, self.num_negatives, replacement=True, generator=generator).to(positives.device) if self.num_negatives else positives[:0]
+        cand, inverse = torch.unique(torch.cat([positives, sampled]), return_inverse=True)
+        labels = inverse[: positives.numel()]
+        log_q = torch.log(positives.numel() * self.data_p[cand] + self.num_negatives * self.proposal[cand])
+        return cand, labels, log_q
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of [M, C] logits (already divided by the temperature)."""
+        if self.logq_correction:
+            logits = logits - log_q.unsqueeze(0)
+        return F.cross_entropy(logits, labels)
+
+
+def full_softmax_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the whole catalog: [M, N] logits, [M] target items."""
+    return F.cross_entropy(logits, targets)

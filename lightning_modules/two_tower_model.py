@@ -1,0 +1,49 @@
+"""The two towers together: score(user, item) = <u, v> / temperature (optionally on unit vectors)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.item_tower import ItemTower
+from lightning_modules.user_tower import UserTower
+
+
+class TwoTowerModel(nn.Module):
+    """A user tower reading item vectors from an item tower; both map into one space."""
+
+    def __init__(self, item_tower: ItemTower, user_tower: UserTower, temperature: float = 1.0, normalize: bool = False):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"model.temperature must be > 0, got {temperature}")
+        self.item_tower = item_tower
+        self.user_tower = user_tower
+        self.temperature = temperature
+        self.normalize = normalize
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) if self.normalize else x
+
+    def user_states(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """User vectors at every position: [B, L, dim]."""
+        return self._out(self.user_tower(self.item_tower(items), mask))
+
+    def user_vectors(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One vector per user, after the last item of the history: [B, dim]."""
+        return self._out(self.user_tower.last(self.item_tower(items), mask))
+
+    def item_vectors(self, item_idx: torch.Tensor) -> torch.Tensor:
+        return self._out(self.item_tower(item_idx))
+
+    def catalog_vectors(self) -> torch.Tensor:
+        """Every item's vector without gradients (evaluation)."""
+        return self._out(self.item_tower.all_vectors())
+
+    def catalog_vectors_train(self) -> torch.Tensor:
+        """Every item's vector with gradients (full-softmax training)."""
+        idx = torch.arange(self.item_tower.num_items, device=self.user_tower.out_device())
+        return self.item_vectors(idx)
+
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """[U, d] x [N, d] -> [U, N] logits."""
+        return users @ items.T / self.temperature

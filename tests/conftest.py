@@ -1,0 +1,44 @@
+"""Shared fixtures: configs composed from conf/ into a temporary root, tiny synthetic data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from jobs.config_schema import register
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("RAY_DASHBOARD_ENABLED", "0")
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+register()
+
+
+def compose_config(job: str, overrides: list[str], root: Path) -> DictConfig:
+    """Compose ``conf/<job>.yaml`` with overrides, writing everything under ``root``."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=job, overrides=[f"paths.root_dir={root}", *overrides])
+
+
+TINY = [
+    "experiment=tiny",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+    "data.reader.num_users=120",
+    "data.reader.num_items=60",
+    "data.reader.num_topics=6",
+    "data.reader.max_len=20",
+]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path):
+    """A factory of tiny synthetic configs for any job, rooted in tmp_path."""
+
+    def make(job: str = "pipeline", *overrides: str) -> DictConfig:
+        return compose_config(job, [*TINY, *overrides], tmp_path)
+
+    return make

@@ -1,0 +1,108 @@
+"""Every experiment composes and instantiates; a wrong key or value fails before any compute."""
+from __future__ import annotations
+
+import inspect
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import get_method
+from omegaconf import OmegaConf
+
+from jobs.assembly import build_model, build_module
+from jobs.config_schema import validate
+from tests.conftest import CONF, compose_config
+
+def full_message(err: pytest.ExceptionInfo) -> str:
+    return f"{err.value} {err.value.__cause__}"
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+class FakeCatalog:
+    """What build_model/build_module read from a datamodule, for a 5-item catalog."""
+
+    num_items = 5
+    item_texts = ["Toy Story (1995). Genres: Animation.", "Heat (1995). Genres: Action.", "a", "b", "c"]
+    item_categories = [["Animation"], ["Action"], [], [], []]
+    item_train_counts = [3.0, 1.0, 0.0, 2.0, 1.0]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("job", ["pretrain", "finetune", "evaluate", "pipeline"])
+def test_every_experiment_composes_and_instantiates(experiment, job, tmp_path):
+    cfg = compose_config(job, [f"experiment={experiment}"], tmp_path)
+    validate(cfg)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    reader = get_method(cfg.data.reader._target_)
+    kwargs = {k: v for k, v in cfg.data.reader.items() if k != "_target_" and not OmegaConf.is_missing(cfg.data.reader, k)}
+    inspect.signature(reader).bind_partial(**kwargs)  # the reader accepts its configured arguments
+    if job == "pipeline":
+        model = build_model(cfg, FakeCatalog())
+        for stage in ("pretrain", "finetune"):
+            build_module(cfg, stage, model, FakeCatalog())
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small"])
+def test_model_presets_build(scale, tmp_path):
+    cfg = compose_config("pipeline", [f"model={scale}", "experiment=tiny", f"model={scale}"], tmp_path)
+    model = build_model(cfg, FakeCatalog())
+    assert model.item_tower.all_vectors().shape == (5, cfg.model.dim)
+
+
+@pytest.mark.parametrize("scale,layers,width", [("base", 12, 768), ("large", 24, 1024)])
+def test_large_presets_have_their_sizes(scale, layers, width, tmp_path):
+    cfg = compose_config("pipeline", [f"model={scale}"], tmp_path)
+    assert (cfg.model.user_tower.n_layer, cfg.model.user_tower.n_embd) == (layers, width)
+    assert (cfg.model.item_tower.num_layers, cfg.model.item_tower.hidden_size) == (layers, width)
+    validate(cfg)
+
+
+def test_unknown_key_fails_naming_it(tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("pretrain", ["model.dimm=3"], tmp_path)
+    assert "dimm" in full_message(err)
+
+
+def test_wrong_type_and_enum_fail_naming_the_key(tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("pretrain", ["model.dim=big"], tmp_path)
+    assert "model.dim" in full_message(err)
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("pretrain", ["finetune.loss.kind=hinge"], tmp_path)
+    assert "finetune.loss.kind" in full_message(err)
+
+
+def test_unknown_key_in_an_experiment_file_fails(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "experiment" / "broken.yaml").write_text("# @package _global_\ntrainer:\n  max_epoch: 3\n")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as err:
+            compose(config_name="pretrain", overrides=["experiment=broken"])
+    assert "max_epoch" in full_message(err)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.user_tower.n_head=3", "model.user_tower.n_head"),
+        ("finetune.mlm_weight=0.5", "finetune.mlm_weight"),
+        ("data.max_seq_len=0", "data.max_seq_len"),
+        ("trainer.monitor=val/auc", "trainer.monitor"),
+        ("model.temperature=0", "model.temperature"),
+    ],
+)
+def test_cross_field_checks_name_the_key(override, key, tmp_path):
+    cfg = compose_config("pretrain", [override], tmp_path)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_output_dir_is_per_job_and_time(tmp_path):
+    cfg = compose_config("finetune", ["experiment=tiny"], tmp_path)
+    out = Path(cfg.paths.output_dir)
+    assert out.parts[-3] == "finetune" and str(out).startswith(str(tmp_path))

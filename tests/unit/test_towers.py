@@ -1,0 +1,90 @@
+"""Shapes, causality and masking of both towers; freezing and caching of the text encoder."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_modules.hf_backbones import build_bert_encoder, build_gpt2
+from lightning_modules.item_tower import ItemTower
+from lightning_modules.two_tower_model import TwoTowerModel
+from lightning_modules.user_tower import UserTower
+
+N, D = 12, 16
+
+
+def tiny_text_tower(**kwargs) -> ItemTower:
+    torch.manual_seed(0)
+    encoder = build_bert_encoder(None, vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, dropout=0.0)
+    ids = torch.randint(5, 50, (N, 6))
+    mask = torch.ones(N, 6, dtype=torch.long)
+    mask[::2, 4:] = 0  # some texts are shorter
+    return ItemTower(N, D, encoder, ids, mask, dropout=0.0, **kwargs)
+
+
+def tiny_model(**kwargs) -> TwoTowerModel:
+    torch.manual_seed(0)
+    user = UserTower(build_gpt2(n_layer=2, n_head=2, n_embd=8, max_positions=16, dropout=0.0), D)
+    return TwoTowerModel(tiny_text_tower(**kwargs), user).eval()
+
+
+def test_item_tower_shapes_and_id_only():
+    tower = tiny_text_tower()
+    assert tower(torch.tensor([[0, 3], [5, 5]])).shape == (2, 2, D)
+    assert tower.all_vectors().shape == (N, D)
+    ids_only = ItemTower(N, D, encoder=None, use_id_embedding=True)
+    assert ids_only(torch.arange(N)).shape == (N, D)
+    with pytest.raises(ValueError, match="use_id_embedding"):
+        ItemTower(N, D, encoder=None, use_id_embedding=False)
+
+
+def test_padding_tokens_do_not_change_the_text_vector():
+    tower = tiny_text_tower(use_id_embedding=False).eval()
+    before = tower(torch.tensor([0]))
+    tower.token_ids[0, 4:] = 7  # masked positions of item 0
+    assert torch.allclose(tower.encode_text(torch.tensor([0])), tower.encode_text(torch.tensor([0])))
+    assert torch.allclose(before, tower(torch.tensor([0])), atol=1e-6)
+
+
+def test_freezing_and_partial_unfreezing():
+    frozen = tiny_text_tower(freeze_encoder=True)
+    assert frozen.encoder_frozen and not any(p.requires_grad for p in frozen.encoder.parameters())
+    frozen.train()
+    assert not frozen.encoder.training  # a frozen encoder never runs dropout
+    top = tiny_text_tower(freeze_encoder=True, unfreeze_top_layers=1)
+    grads = {n.split(".")[2] if n.startswith("encoder.layer") else n.split(".")[0]: p.requires_grad for n, p in top.encoder.named_parameters()}
+    assert grads["embeddings"] is False and grads["0"] is False and grads["1"] is True
+    with pytest.raises(ValueError, match="unfreeze_top_layers"):
+        tiny_text_tower(freeze_encoder=True, unfreeze_top_layers=3)
+
+
+def test_frozen_text_is_cached_once():
+    tower = tiny_text_tower(freeze_encoder=True)
+    calls = []
+    original = tower.encode_text
+    tower.encode_text = lambda idx: calls.append(len(idx)) or original(idx)
+    tower(torch.tensor([1, 2]))
+    tower(torch.tensor([3]))
+    assert calls == [N]  # the whole catalog, once
+
+
+def test_user_tower_is_causal_and_ignores_padding():
+    model = tiny_model()
+    items = torch.tensor([[1, 2, 3, 4, 0], [5, 6, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    states = model.user_states(items, mask)
+    assert states.shape == (2, 5, D)
+    changed = items.clone()
+    changed[0, 3] = 9  # a later item cannot change earlier states
+    assert torch.allclose(states[0, :3], model.user_states(changed, mask)[0, :3], atol=1e-6)
+    assert not torch.allclose(states[0, 3], model.user_states(changed, mask)[0, 3])
+    padded = items.clone()
+    padded[1, 2:] = 11  # what sits in padding does not matter
+    assert torch.allclose(model.user_vectors(items, mask), model.user_vectors(padded, mask), atol=1e-6)
+    assert torch.allclose(model.user_vectors(items, mask)[1], states[1, 1], atol=1e-6)  # last real position
+
+
+def test_scores_are_dot_products_over_temperature():
+    model = tiny_model()
+    model.temperature = 0.5
+    u, v = torch.randn(3, D), torch.randn(4, D)
+    assert torch.allclose(model.score(u, v), (u @ v.T) / 0.5)
