@@ -148,15 +148,21 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-def build_trainer(cfg: DictConfig, stage: str, run_dir: Path, callbacks: list) -> pl.Trainer:
+def precision_of(cfg: DictConfig) -> str:
+    return cfg.hardware.precision or cfg.trainer.precision
+
+
+def build_trainer(cfg: DictConfig, stage: str, run_dir: Path, callbacks: list, **distributed) -> pl.Trainer:
+    """The Lightning Trainer of a stage; ``distributed`` (strategy, plugins, devices, ...) comes
+    from the Ray launcher and replaces the single-process defaults."""
     t, hw = cfg.trainer, cfg.hardware
+    options = dict(accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, gradient_clip_val=t.gradient_clip_val)
+    options.update(distributed)
     return pl.Trainer(
-        accelerator=hw.accelerator,
-        devices=hw.devices,
-        num_nodes=hw.num_nodes,
-        precision=hw.precision or t.precision,
+        **options,
+        precision=precision_of(cfg),
         max_epochs=cfg[stage].max_epochs,
-        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=cfg.strategy.gradient_accumulation_steps,
         deterministic=t.deterministic,
         log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.check_val_every_n_epoch,

@@ -33,6 +33,12 @@ class Pooling(str, Enum):
     cls = "cls"
 
 
+class IndexKind(str, Enum):
+    flat = "flat"
+    ivf = "ivf"
+    hnsw = "hnsw"
+
+
 class Schedule(str, Enum):
     constant = "constant"
     cosine = "cosine"
@@ -129,11 +135,38 @@ class TrainerConfig:
     deterministic: bool = True
     enable_progress_bar: bool = True
     metrics_ks: list[int] = field(default_factory=lambda: [10, 20, 50])
+    keep_checkpoints: int = 2  # Ray keeps the best k epoch checkpoints by `monitor`
+    max_failures: int = 1  # Ray restarts dead workers this many times, resuming from the latest checkpoint
+
+
+class Launcher(str, Enum):
+    ray = "ray"  # Ray Train TorchTrainer with hardware.num_workers workers (embedded Ray by default)
+    local = "local"  # this process only, no Ray (debugging; tests)
+
+
+@dataclass
+class DebugConfig:
+    fail_at_step: Optional[int] = None  # kill one worker at this global step (first attempt only)
+    fail_rank: int = 1
+    record_losses: bool = False  # each rank writes its step losses to <run>/debug/losses-rank<r>.jsonl
+    record_scores: bool = False  # rank 0 saves each epoch's first validation batch and its scores
+
+
+class StrategyName(str, Enum):
+    auto = "auto"  # one process, Lightning's choice (launcher=local)
+    ddp = "ddp"
+    deepspeed = "deepspeed"
 
 
 @dataclass
 class StrategyConfig:
-    name: str = "auto"
+    name: StrategyName = StrategyName.ddp
+    zero_stage: int = 2  # deepspeed only: 1, 2 or 3
+    offload_optimizer: bool = False  # deepspeed: optimizer state in CPU memory
+    offload_parameters: bool = False  # deepspeed stage 3: parameters in CPU memory
+    gradient_accumulation_steps: int = 1
+    activation_checkpointing: bool = False  # recompute GPT/BERT blocks in backward (HF gradient checkpointing)
+    find_unused_parameters: bool = True  # ddp: frozen or conditionally used parameters are fine
 
 
 @dataclass
@@ -180,9 +213,46 @@ class PathsConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where Ray runs: an embedded local Ray (address null) or an existing cluster."""
+
+    name: str = "local"
+    address: Optional[str] = None  # null: start Ray in this process; "auto" or ray://host:10001: join a cluster
+    num_cpus: Optional[int] = None  # embedded Ray only; null = every core
+    include_dashboard: bool = False
+    # Where Ray Train keeps checkpoints; on a cluster every node must reach it (NFS path or s3://...).
+    # null: <run folder>/ray.
+    storage_path: Optional[str] = None
+
+
+@dataclass
+class IndexConfig:
+    kind: IndexKind = IndexKind.flat  # exact inner product; ivf / hnsw are approximate
+    nlist: int = 64
+    nprobe: int = 8
+    hnsw_m: int = 32
+    ef_search: int = 128
+
+
+@dataclass
+class InferConfig:
+    top_k: int = 50
+    batch_size: int = 512  # users or items per Ray Data batch
+    num_actors: int = 2  # size of the embedding actor pool
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    use_ray: bool = True  # false: the same computation in this process
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+
+@dataclass
 class JobConfig:
-    job: str = MISSING  # pretrain | finetune | evaluate | pipeline
+    job: str = MISSING  # pretrain | finetune | evaluate | batch_infer | pipeline
     experiment_name: str = "default"
+    launcher: Launcher = Launcher.ray
+    # Ray run name; a run started again with the same name resumes from its latest checkpoint.
+    # null: <experiment>-<job>-<date>-<time> of the run folder.
+    run_name: Optional[str] = None
     seed: int = 0
     # finetune: a pretraining run folder or model.ckpt, 'latest' (newest pretrain run of this
     # experiment) or null (train from scratch).
@@ -199,6 +269,9 @@ class JobConfig:
     hardware: HardwareConfig = MISSING
     logger: LoggerConfig = MISSING
     paths: PathsConfig = MISSING
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def register() -> None:
@@ -215,6 +288,10 @@ def register() -> None:
         ("paths", PathsConfig),
     ):
         cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def _value(x: Any) -> Any:
+    return x.value if isinstance(x, Enum) else x
 
 
 def validate(cfg: DictConfig) -> None:
@@ -257,5 +334,16 @@ def validate(cfg: DictConfig) -> None:
         fail("trainer.metrics_ks", "needs positive cut-offs")
     if t.monitor.split("/", 1)[-1] not in {f"{n}@{k}" for n in ("ndcg", "recall", "mrr") for k in t.metrics_ks}:
         fail("trainer.monitor", f"'{t.monitor}' is not a validation metric (val/ndcg@K, val/recall@K, val/mrr@K for K in metrics_ks)")
+    st = cfg.strategy
+    if st.name == "deepspeed" and st.zero_stage not in (1, 2, 3):
+        fail("strategy.zero_stage", f"must be 1, 2 or 3, got {st.zero_stage}")
+    if st.offload_parameters and (st.name != "deepspeed" or st.zero_stage != 3):
+        fail("strategy.offload_parameters", "parameter offload needs strategy.name=deepspeed with zero_stage=3")
+    if st.gradient_accumulation_steps < 1:
+        fail("strategy.gradient_accumulation_steps", "must be >= 1")
+    if _value(cfg.launcher) == "local" and cfg.hardware.num_workers != 1:
+        fail("launcher", f"launcher=local runs one process; hardware.num_workers={cfg.hardware.num_workers} needs launcher=ray")
+    if _value(cfg.launcher) == "ray" and st.name == "auto":
+        fail("strategy", "strategy=auto is for launcher=local; with Ray use ddp or a deepspeed strategy")
     if cfg.job == "evaluate" and not cfg.checkpoint:
         fail("checkpoint", "evaluate needs a fine-tuning run folder, a model.ckpt or 'latest'")

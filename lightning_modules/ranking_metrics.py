@@ -86,12 +86,28 @@ class RankingAccumulator:
         self.ranks: list[torch.Tensor] = []
         self.lists: list[torch.Tensor] = []
         self.list_scores: list[torch.Tensor] = []
+        self.users: list[torch.Tensor] = []
 
-    def update(self, scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor) -> None:
+    def update(self, scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor, users: torch.Tensor | None = None) -> None:
         self.ranks.append(target_ranks(scores, targets, seen).cpu())
         idx, values = top_k(scores, seen, max(self.ks[-1], self.keep_lists))
         self.lists.append(idx.cpu())
         self.list_scores.append(values.cpu())
+        if users is not None:
+            self.users.append(users.cpu())
+
+    def merge_gathered(self, gather) -> None:
+        """Replace this rank's results by every rank's (``gather``: tensor -> [world, ...] tensor),
+        each user counted once (distributed samplers repeat a few users to even out shards)."""
+        ranks, lists, scores, users = (gather(torch.cat(x)) for x in (self.ranks, self.lists, self.list_scores, self.users))
+        users = users.reshape(-1).cpu()
+        uniq, inverse = torch.unique(users, return_inverse=True)
+        position = torch.arange(len(users))
+        keep = torch.full((len(uniq),), len(users)).scatter_reduce(0, inverse, position, reduce="amin")
+        self.ranks = [ranks.reshape(-1).cpu()[keep]]
+        self.lists = [lists.reshape(-1, lists.shape[-1]).cpu()[keep]]
+        self.list_scores = [scores.reshape(-1, scores.shape[-1]).cpu()[keep]]
+        self.users = [users[keep]]
 
     def compute(self) -> dict[str, float]:
         ranks = torch.cat(self.ranks)

@@ -83,15 +83,18 @@ class RetrievalModule(pl.LightningModule):
         self._catalog = self.model.catalog_vectors()
         self._val = RankingAccumulator(self.model.item_tower.num_items, self.ks, self.item_categories)
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         scores = self.model.score(self.model.user_vectors(batch["items"], batch["mask"]), self._catalog)
-        self._val.update(scores, batch["targets"], batch["seen"])
+        self._val.update(scores, batch["targets"], batch["seen"], batch["users"])
+        return scores
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.world_size > 1:  # every rank ranked a shard of the users: gather them all
+            self._val.merge_gathered(lambda t: self.all_gather(t.to(self.device)))
         metrics = self._val.compute()
         n = sum(r.numel() for r in self._val.ranks)
-        for name, value in metrics.items():
-            self.log(f"val/{name}", value, prog_bar=name == "ndcg@10", sync_dist=True, batch_size=n)
+        for name, value in metrics.items():  # identical on every rank: no reduction needed
+            self.log(f"val/{name}", value, prog_bar=name == "ndcg@10", batch_size=n)
         if not self.trainer.sanity_checking:
             self.val_history.append({f"val/{k}": v for k, v in metrics.items()} | {"epoch": float(self.current_epoch)})
             shown = ("ndcg@10", "recall@10", "mrr@10", "coverage@10")

@@ -25,6 +25,8 @@ def compose_config(job: str, overrides: list[str], root: Path) -> DictConfig:
 
 TINY = [
     "experiment=tiny",
+    "launcher=local",
+    "strategy=auto",
     "logger=none",
     "trainer.enable_progress_bar=false",
     "data.reader.num_users=120",

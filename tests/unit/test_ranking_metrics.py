@@ -71,3 +71,25 @@ def test_popularity_baseline_through_the_shared_ranker():
     # order by count, ties by index: 1, 0, 3, 2. user 0 (1 seen): 0, 3 -> rank 2. user 1 (0, 3 seen): 1, 2 -> rank 2
     assert torch.cat(acc.ranks).tolist() == [2.0, 2.0]
     assert acc.compute()["recall@2"] == 1.0 and acc.compute()["recall@1"] == 0.0
+
+
+def test_gathered_shards_count_each_user_once():
+    from lightning_modules.ranking_metrics import RankingAccumulator
+
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.1], [0.3, 0.2, 0.1]])
+    targets, seen, users = torch.tensor([0, 0, 2]), torch.full((3, 1), -1), torch.tensor([7, 8, 9])
+    whole = RankingAccumulator(3, ks=(1, 2))
+    whole.update(scores, targets, seen, users)
+    shards = [RankingAccumulator(3, ks=(1, 2)), RankingAccumulator(3, ks=(1, 2))]
+    shards[0].update(scores[[0, 2]], targets[[0, 2]], seen[[0, 2]], users[[0, 2]])
+    shards[1].update(scores[[1, 0]], targets[[1, 0]], seen[[1, 0]], users[[1, 0]])  # user 7 again, as padding
+    fields = iter(("ranks", "lists", "list_scores", "users"))  # the order merge_gathered gathers them
+
+    def all_gather(local: torch.Tensor) -> torch.Tensor:  # what every rank receives: [world, ...]
+        name = next(fields)
+        assert torch.equal(local, torch.cat(getattr(shards[0], name)))
+        return torch.stack([torch.cat(getattr(shard, name)) for shard in shards])
+
+    shards[0].merge_gathered(all_gather)
+    assert sorted(torch.cat(shards[0].users).tolist()) == [7, 8, 9]
+    assert shards[0].compute() == whole.compute()

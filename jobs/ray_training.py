@@ -1,0 +1,100 @@
+"""Ray Train launch of a training stage: TorchTrainer over ``hardware.num_workers`` workers, each
+running the same Lightning fit; checkpoints reported every epoch (best k kept by the monitor),
+dead workers restarted from the latest checkpoint, the best one consolidated into model.ckpt."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import EarlyStopping
+
+from jobs.assembly import build_trainer, precision_of
+from jobs.ray_cluster import ray_session
+from jobs.run_folder import MODEL_CKPT
+from jobs.training import build_stage, debug_callbacks, model_state_from_lightning, restore_config, save_model_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """What every Ray Train worker runs. Plain and importable: ``config`` holds the resolved
+    job config (plain containers), the stage and the run folder."""
+    import ray.train
+    from ray.train.lightning import RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+
+    from jobs.ray_strategies import build_strategy
+
+    cfg = restore_config(config["cfg"])
+    stage, run_dir = config["stage"], Path(config["run_dir"])
+    dm, module = build_stage(cfg, stage)
+    deepspeed = (cfg.strategy.name.value if hasattr(cfg.strategy.name, "value") else cfg.strategy.name) == "deepspeed"
+    callbacks = [RayTrainReportCallback(), EarlyStopping(monitor=cfg.trainer.monitor, mode="max", patience=cfg.trainer.early_stopping_patience), *debug_callbacks(cfg, run_dir)]
+    trainer = build_trainer(
+        cfg,
+        stage,
+        run_dir,
+        callbacks,
+        devices="auto",
+        num_nodes=1,  # Ray places the workers; each worker is one Lightning process
+        strategy=build_strategy(cfg, precision_of(cfg)),
+        plugins=[RayLightningEnvironment()],
+        enable_checkpointing=False,
+        gradient_clip_val=None if deepspeed else cfg.trainer.gradient_clip_val,
+    )
+    trainer = prepare_trainer(trainer)
+    resume = ray.train.get_checkpoint()
+    if resume is None:
+        trainer.fit(module, datamodule=dm)
+        return
+    with resume.as_directory() as folder:
+        ckpt_path = Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
+        log.info("resuming %s from %s", stage, ckpt_path)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path))
+
+
+def run_name_of(cfg: DictConfig, run_dir: Path) -> str:
+    return cfg.run_name or f"{cfg.experiment_name}-{cfg.job}-{run_dir.parent.name}-{run_dir.name}"
+
+
+def ray_fit(cfg: DictConfig, stage: str, run_dir: Path) -> dict[str, float]:
+    """Launch ``stage`` on Ray Train and write the best epoch's consolidated checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    hw, monitor = cfg.hardware, cfg.trainer.monitor
+    storage = cfg.cluster.storage_path or str(Path(cfg.paths.outputs_root).resolve() / "ray")
+    name = run_name_of(cfg, run_dir)
+    resources = {"CPU": hw.cpus_per_worker}
+    if hw.accelerator == "gpu":
+        resources["GPU"] = hw.gpus_per_worker or 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "stage": stage, "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=hw.num_workers, use_gpu=hw.accelerator == "gpu", resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints, checkpoint_score_attribute=monitor, checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+        ),
+    )
+    log.info("ray: %s with %d worker(s), strategy %s; checkpoints in %s/%s", stage, hw.num_workers, cfg.strategy.name, storage, name)
+    start = time.perf_counter()
+    with ray_session(cfg):
+        result = trainer.fit()
+    seconds = time.perf_counter() - start
+    if result.error:
+        raise RuntimeError(f"{stage}: Ray Train run {name} failed") from result.error
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if monitor in m]
+    if not ranked:
+        raise RuntimeError(f"{stage}: Ray Train run {name} reported no checkpoint with '{monitor}'")
+    checkpoint, reported = max(ranked, key=lambda cm: cm[1][monitor])
+    with checkpoint.as_directory() as folder:
+        state, best_epoch = model_state_from_lightning(Path(folder) / "checkpoint.ckpt")
+    save_model_checkpoint(run_dir / MODEL_CKPT, state, cfg, {"stage": stage, "best_epoch": best_epoch, "source": checkpoint.path, "ray_run": name})
+    metrics = {k: float(v) for k, v in reported.items() if k.startswith("val/")}
+    metrics.update({"train/seconds": seconds, "train/best_epoch": float(best_epoch), "train/epochs": float(result.metrics.get("epoch", best_epoch)) + 1})
+    log.info("%s: best %s = %.4f at epoch %d (%.0f s)", stage, monitor, metrics[monitor], best_epoch, seconds)
+    return metrics
