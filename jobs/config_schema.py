@@ -246,6 +246,12 @@ class InferConfig:
 
 
 @dataclass
+class PipelineConfig:
+    force: bool = False  # rerun stages even when a finished run of the same config exists
+    batch_infer: bool = True  # end with batch inference (recommendations for every user)
+
+
+@dataclass
 class JobConfig:
     job: str = MISSING  # pretrain | finetune | evaluate | batch_infer | pipeline
     experiment_name: str = "default"
@@ -272,6 +278,7 @@ class JobConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 def register() -> None:

@@ -11,6 +11,14 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 
+def local_cpus(cfg: DictConfig) -> int:
+    """Logical CPUs for an embedded Ray: at least the machine's cores, with room beside the
+    Train workers or the inference actors for Ray's own tasks (Ray Data reads, the controller)."""
+    hw, inf = cfg.hardware, cfg.infer
+    need = max(hw.num_workers * hw.cpus_per_worker, inf.num_actors * inf.cpus_per_actor) + 2
+    return int(max(os.cpu_count() or 1, need))
+
+
 @contextmanager
 def ray_session(cfg: DictConfig) -> Iterator[None]:
     """Ray for the duration of a job. Starts an embedded Ray (dashboard off unless configured)
@@ -28,7 +36,7 @@ def ray_session(cfg: DictConfig) -> Iterator[None]:
         log.info("ray: joining the cluster at %s", c.address)
         ray.init(address=c.address, **kwargs)
     else:
-        ray.init(num_cpus=c.num_cpus, **kwargs)
+        ray.init(num_cpus=c.num_cpus or local_cpus(cfg), **kwargs)
         log.info("ray: started an embedded local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
     try:
         yield

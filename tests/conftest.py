@@ -27,6 +27,7 @@ TINY = [
     "experiment=tiny",
     "launcher=local",
     "strategy=auto",
+    "infer.use_ray=false",
     "logger=none",
     "trainer.enable_progress_bar=false",
     "data.reader.num_users=120",

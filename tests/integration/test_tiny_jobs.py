@@ -55,6 +55,21 @@ def test_pipeline_writes_every_file_and_beats_popularity(tiny_cfg):
     for user, recommended in zip(recs["user_id"], recs["item_ids"]):
         assert not seen[int(np.flatnonzero(users == user)[0])] & set(recommended)
     assert "two-tower (ours)" in (root / "results.md").read_text()
+    recs = pd.read_parquet(root / "batch_infer" / "recommendations.parquet")
+    assert list(recs.columns) == ["user_id", "item_ids", "scores"] and len(recs) == 120
+    assert set(json.loads((root / "stages.json").read_text())) == {"pretrain", "finetune", "evaluate", "batch_infer"}
+
+    # the same pipeline again: every stage is reused, nothing retrains
+    again = pipeline.run(tiny_cfg("pipeline", "pretrain.max_epochs=5", "finetune.max_epochs=5", "data.batch_size=16"))
+    assert again == metrics
+    records = [json.loads(p.read_text()) for p in sorted((Path(cfg.paths.outputs_root) / "pipeline").glob("*/*/stages.json"))]
+    assert len(records) == 2 and records[0] == records[1]  # the second run points at the first run's folders
+    stages = records[0]
+    # a changed stage config reruns that stage and what follows, not what precedes it
+    forced = tiny_cfg("pipeline", "pretrain.max_epochs=5", "finetune.max_epochs=4", "data.batch_size=16")
+    pipeline.run(forced)
+    latest = json.loads((Path(forced.paths.output_dir) / "stages.json").read_text())
+    assert latest["pretrain"] == stages["pretrain"] and latest["finetune"] != stages["finetune"]
 
 
 def test_three_commands_from_the_shell(tmp_path):

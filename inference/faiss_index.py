@@ -1,0 +1,103 @@
+"""FAISS inner-product indexes over item vectors and top-K search that skips each user's seen items."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+
+
+def build_index(
+    vectors: np.ndarray,
+    kind: str = "flat",
+    nlist: int = 64,
+    nprobe: int = 8,
+    hnsw_m: int = 32,
+    ef_search: int = 128,
+) -> faiss.Index:
+    """An inner-product index over ``vectors`` [N, d]; row i gets id i.
+
+    ``flat``: exact (IndexFlatIP). ``ivf``: IndexIVFFlat with ``nlist`` lists (capped to N), ``nprobe``
+    probed per query. ``hnsw``: IndexHNSWFlat with ``hnsw_m`` links per node and ``ef_search``.
+    """
+    kind = str(getattr(kind, "value", kind))
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"infer.index.kind must be one of {INDEX_KINDS}, got '{kind}'")
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"item vectors must be a non-empty [num_items, dim] matrix, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("item vectors contain NaN or inf; the model produced broken embeddings")
+    n, d = x.shape
+    if kind == "flat":
+        index: faiss.Index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        if nlist < 1 or nprobe < 1:
+            raise ValueError(f"infer.index.nlist and infer.index.nprobe must be >= 1, got {nlist} and {nprobe}")
+        lists = min(nlist, n)
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.nprobe = min(nprobe, lists)
+    else:
+        if hnsw_m < 2 or ef_search < 1:
+            raise ValueError(f"infer.index.hnsw_m must be >= 2 and infer.index.ef_search >= 1, got {hnsw_m} and {ef_search}")
+        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = ef_search
+    index.add(x)
+    return index
+
+
+def _drop_seen(ids: np.ndarray, scores: np.ndarray, seen: Sequence[np.ndarray], num_items: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove seen items (and FAISS's -1 fillers) from sorted result rows; keep the first ``k``."""
+    rows = ids.shape[0]
+    counts = np.fromiter((len(s) for s in seen), dtype=np.int64, count=rows)
+    seen_keys = np.repeat(np.arange(rows, dtype=np.int64), counts) * num_items + (
+        np.concatenate([np.asarray(s, dtype=np.int64) for s in seen]) if counts.sum() else np.zeros(0, np.int64)
+    )
+    hit_keys = np.arange(rows, dtype=np.int64)[:, None] * num_items + ids
+    drop = (ids < 0) | np.isin(hit_keys, seen_keys)
+    order = np.argsort(drop, axis=1, kind="stable")[:, :k]  # kept hits first, in FAISS's (best-first) order
+    out_ids = np.take_along_axis(np.where(drop, -1, ids), order, axis=1)
+    out_scores = np.take_along_axis(np.where(drop, -np.inf, scores), order, axis=1).astype(np.float32)
+    if out_ids.shape[1] < k:  # fewer candidates than k (tiny catalog): pad
+        pad = k - out_ids.shape[1]
+        out_ids = np.pad(out_ids, ((0, 0), (0, pad)), constant_values=-1)
+        out_scores = np.pad(out_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return out_ids, out_scores
+
+
+def search_unseen(
+    index: faiss.Index, queries: np.ndarray, seen: Sequence[np.ndarray], k: int, rows_per_search: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``k`` items per query by inner product, best first, never an item of ``seen[i]``.
+
+    Returns ``(ids, scores)``, both [U, k]; where fewer than ``k`` unseen items are found the rows
+    end with id -1 and score -inf. Each query is searched ``k + (its seen count)`` deep (queries
+    are grouped by seen count so one search call serves similar depths), capped at the index size.
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if q.ndim != 2 or q.shape[1] != index.d:
+        raise ValueError(f"user vectors must be [num_users, {index.d}] to match the item index, got shape {q.shape}")
+    if len(seen) != q.shape[0]:
+        raise ValueError(f"need one seen-item list per user: {q.shape[0]} users, {len(seen)} seen lists")
+    if k < 1:
+        raise ValueError(f"infer.top_k must be >= 1, got {k}")
+    n = index.ntotal
+    ids = np.full((q.shape[0], k), -1, dtype=np.int64)
+    scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
+    if q.shape[0] == 0:
+        return ids, scores
+    clean = [np.unique(s[(s >= 0) & (s < n)]) for s in (np.asarray(s, dtype=np.int64).reshape(-1) for s in seen)]
+    seen_counts = np.array([len(s) for s in clean], dtype=np.int64)
+    by_depth = np.argsort(seen_counts, kind="stable")
+    for start in range(0, len(by_depth), rows_per_search):
+        rows = by_depth[start : start + rows_per_search]
+        depth = int(min(n, k + seen_counts[rows].max()))
+        found_scores, found_ids = index.search(q[rows], depth)
+        kept_ids, kept_scores = _drop_seen(found_ids, found_scores, [clean[r] for r in rows], n, k)
+        ids[rows] = kept_ids
+        scores[rows] = kept_scores
+    return ids, scores

@@ -1,0 +1,150 @@
+"""jobs.batch_infer end to end on a tiny trained pipeline: in process and on Ray Data actors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from inference.embedding import embed_catalog, embed_items, embed_users, load_embedding_model, user_histories
+from jobs import batch_infer, pipeline
+from jobs.assembly import build_datamodule, build_model
+from jobs.training import load_model_checkpoint, restore_config
+from lightning_modules.ranking_metrics import top_k
+from tests.conftest import TINY, compose_config
+
+TOP_K = 10
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny pipeline trained once (1 epoch per stage); returns (root, finetune run folder)."""
+    root = tmp_path_factory.mktemp("batch_infer")
+    cfg = compose_config("pipeline", [*TINY, "pretrain.max_epochs=1", "finetune.max_epochs=1", "data.batch_size=16", f"paths.output_dir={root}/pipeline"], root)
+    pipeline.run(cfg)
+    return root, root / "pipeline" / "finetune"
+
+
+@pytest.fixture(scope="module")
+def runs(trained) -> dict[str, tuple[Path, dict[str, float]]]:
+    """batch_infer in process and on 2 Ray Data actors, on the same checkpoint."""
+    root, finetune = trained
+    out = {}
+    for name, extra in (
+        ("local", ["infer.use_ray=false"]),
+        ("ray", ["infer.use_ray=true", "cluster.num_cpus=2", "infer.num_actors=2"]),
+    ):
+        cfg = compose_config(
+            "batch_infer",
+            [*TINY, f"checkpoint={finetune}", f"infer.top_k={TOP_K}", "infer.batch_size=16", f"paths.output_dir={root}/infer_{name}", *extra],
+            root,
+        )
+        out[name] = (Path(cfg.paths.output_dir), batch_infer.run(cfg))
+    return out
+
+
+def full_histories_from_split(data_dir: Path) -> dict[str, list[str]]:
+    """Raw user id -> every raw item id of the user's history in order, read straight from split.parquet."""
+    split = pd.read_parquet(data_dir / "split.parquet").sort_values(["user_idx", "position"], kind="mergesort")
+    items = pd.read_parquet(data_dir / "items.parquet")["item_id"].astype(str).to_numpy()
+    users = pd.read_parquet(data_dir / "users.parquet")["user_id"].astype(str).to_numpy()
+    return {users[u]: list(items[g["item_idx"].to_numpy()]) for u, g in split.groupby("user_idx")}
+
+
+def test_files_schemas_and_metrics(runs, trained):
+    run_dir, metrics = runs["ray"]
+    recs = pq.read_table(run_dir / "recommendations.parquet")
+    assert recs.schema.field("user_id").type == pa.string()
+    assert recs.schema.field("item_ids").type == pa.list_(pa.string())
+    assert recs.schema.field("scores").type == pa.list_(pa.float32())
+    for name, key in (("item_embeddings", "item_id"), ("user_embeddings", "user_id")):
+        t = pq.read_table(run_dir / f"{name}.parquet")
+        assert t.schema.field(key).type == pa.string() and t.schema.field("embedding").type == pa.list_(pa.float32())
+        assert {len(e) for e in t.column("embedding").to_pylist()} == {32}
+    assert pq.read_table(run_dir / "item_embeddings.parquet").num_rows == 60
+    assert recs.num_rows == pq.read_table(run_dir / "user_embeddings.parquet").num_rows == 120
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["infer/num_users"] == 120 and saved["infer/num_items"] == 60
+    for key in ("infer/seconds_embed_items", "infer/seconds_embed_users", "infer/seconds_search"):
+        assert saved[key] >= 0 and key in metrics
+    assert (run_dir / "config.yaml").is_file() and "batch_infer" in (run_dir / "run.log").read_text()
+
+
+def test_ray_and_in_process_agree(runs):
+    local = pd.read_parquet(runs["local"][0] / "recommendations.parquet")
+    ray_ = pd.read_parquet(runs["ray"][0] / "recommendations.parquet")
+    assert list(local["user_id"]) == list(ray_["user_id"])
+    for a, b, sa, sb in zip(local["item_ids"], ray_["item_ids"], local["scores"], ray_["scores"]):
+        assert list(a) == list(b)
+        np.testing.assert_allclose(sa, sb, rtol=0, atol=1e-5)
+    for name in ("item_embeddings", "user_embeddings"):
+        ea = np.stack(pd.read_parquet(runs["local"][0] / f"{name}.parquet")["embedding"])
+        eb = np.stack(pd.read_parquet(runs["ray"][0] / f"{name}.parquet")["embedding"])
+        np.testing.assert_allclose(ea, eb, rtol=0, atol=1e-5)
+
+
+def test_scores_equal_the_model_and_seen_items_never_come_back(runs, trained):
+    root, finetune = trained
+    payload = load_model_checkpoint(finetune / "checkpoints" / "model.ckpt")
+    cfg = restore_config(payload["config"])
+    dm = build_datamodule(cfg)
+    model = build_model(cfg, dm)
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    histories = full_histories_from_split(Path(cfg.paths.data_dir) / cfg.data.name)
+    item_index = {item: i for i, item in enumerate(dm.item_ids.astype(str))}
+    for name in ("local", "ray"):
+        recs = pd.read_parquet(runs[name][0] / "recommendations.parquet")
+        assert len(recs) == len(histories)
+        for user, items, scores in zip(recs["user_id"], recs["item_ids"], recs["scores"]):
+            assert len(items) == TOP_K == len(scores)  # 60 items, at most 20 seen
+            assert not set(items) & set(histories[user])
+            assert np.all(np.diff(scores) <= 0)
+    # a direct computation for a few users: the model's score over the catalog, seen items masked
+    recs = pd.read_parquet(runs["ray"][0] / "recommendations.parquet").set_index("user_id")
+    users = list(recs.index[:5]) + [max(histories, key=lambda u: len(histories[u]))]
+    seq = cfg.data.max_seq_len
+    with torch.no_grad():
+        catalog = model.catalog_vectors()
+        for user in users:
+            full = torch.tensor([item_index[i] for i in histories[user]])
+            recent = full[-seq:][None]
+            logits = model.score(model.user_vectors(recent, torch.ones_like(recent, dtype=torch.bool)), catalog)
+            idx, values = top_k(logits, full[None], TOP_K)
+            assert list(recs.loc[user, "item_ids"]) == list(dm.item_ids[idx[0].numpy()].astype(str))
+            np.testing.assert_allclose(recs.loc[user, "scores"], values[0].numpy(), rtol=0, atol=1e-5)
+
+
+def test_unknown_checkpoint_is_named(tmp_path):
+    cfg = compose_config("batch_infer", [*TINY, f"checkpoint={tmp_path}/nowhere", "infer.use_ray=false"], tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        batch_infer.run(cfg)
+
+
+def test_user_histories_keep_the_last_items_and_every_seen_item():
+    users = user_histories([np.array([5, 6, 7, 8]), np.array([3])], max_seq_len=3)
+    np.testing.assert_array_equal(users.items, [[6, 7, 8], [3, 0, 0]])
+    np.testing.assert_array_equal(users.lengths, [3, 1])
+    assert [s.tolist() for s in users.seen] == [[5, 6, 7, 8], [3]]
+    with pytest.raises(ValueError, match="empty history"):
+        user_histories([np.array([], dtype=np.int64)], 3)
+
+
+def test_embedding_functions_match_the_model_in_any_batch(trained):
+    _, finetune = trained
+    model = load_embedding_model(finetune / "checkpoints" / "model.ckpt")
+    with torch.no_grad():
+        catalog = model.catalog_vectors().numpy()
+    np.testing.assert_allclose(embed_items(model, np.array([7, 0, 59])), catalog[[7, 0, 59]], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(embed_catalog(model, 60, batch_size=7), catalog, rtol=0, atol=1e-5)
+    users = user_histories([np.array([1, 2, 3, 4, 5]), np.array([9, 8])], max_seq_len=20)
+    together = embed_users(model, users.items, users.lengths)
+    for row in range(2):  # padding to the longer row changes nothing
+        np.testing.assert_allclose(together[row], embed_users(model, users.items[row : row + 1], users.lengths[row : row + 1])[0], rtol=0, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="no-such.ckpt"):
+        load_embedding_model(finetune / "no-such.ckpt")

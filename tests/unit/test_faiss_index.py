@@ -1,0 +1,101 @@
+"""FAISS search against brute force on small random vectors: flat/ivf/hnsw, seen items excluded."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.faiss_index import build_index, search_unseen
+
+N, D, U, K = 300, 16, 40, 10
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((N, D)).astype(np.float32)
+    users = rng.standard_normal((U, D)).astype(np.float32)
+    seen = [rng.choice(N, size=rng.integers(0, 60), replace=False) for _ in range(U)]
+    return items, users, seen
+
+
+def brute_force(items: np.ndarray, users: np.ndarray, seen: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = users.astype(np.float64) @ items.T.astype(np.float64)
+    for row, s in enumerate(seen):
+        scores[row, s] = -np.inf
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return ids, np.take_along_axis(scores, ids, axis=1)
+
+
+def assert_valid_lists(items, users, seen, ids, scores) -> None:
+    for row in range(len(users)):
+        got = ids[row][ids[row] >= 0]
+        assert not set(got) & set(seen[row].tolist())
+        assert len(set(got.tolist())) == len(got)
+        np.testing.assert_allclose(scores[row, : len(got)], items[got] @ users[row], rtol=1e-5, atol=1e-5)
+        assert np.all(np.diff(scores[row, : len(got)]) <= 1e-6)
+
+
+@pytest.mark.parametrize("kind,params", [("flat", {}), ("ivf", {"nlist": 8, "nprobe": 8})])
+def test_exact_indexes_match_brute_force(data, kind, params):
+    items, users, seen = data
+    ids, scores = search_unseen(build_index(items, kind, **params), users, seen, K)
+    want_ids, want_scores = brute_force(items, users, seen, K)
+    assert ids.shape == scores.shape == (U, K) and scores.dtype == np.float32
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,params", [("ivf", {"nlist": 16, "nprobe": 4}), ("hnsw", {"hnsw_m": 16, "ef_search": 64})])
+def test_approximate_indexes_recall_and_exclude_seen(data, kind, params):
+    items, users, seen = data
+    ids, scores = search_unseen(build_index(items, kind, **params), users, seen, K)
+    assert_valid_lists(items, users, seen, ids, scores)
+    want_ids, _ = brute_force(items, users, seen, K)
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / K for a, b in zip(ids, want_ids)])
+    assert recall >= (0.95 if kind == "hnsw" else 0.5)
+
+
+def test_ivf_caps_nlist_to_catalog_size():
+    rng = np.random.default_rng(1)
+    items = rng.standard_normal((20, 8)).astype(np.float32)
+    index = build_index(items, "ivf", nlist=64, nprobe=64)
+    assert index.nlist == 20 and index.nprobe == 20
+    users = rng.standard_normal((5, 8)).astype(np.float32)
+    ids, _ = search_unseen(index, users, [np.array([], dtype=np.int64)] * 5, 20)
+    np.testing.assert_array_equal(ids, brute_force(items, users, [np.array([], dtype=np.int64)] * 5, 20)[0])
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_k_larger_than_unseen_returns_only_unseen(kind):
+    rng = np.random.default_rng(2)
+    items = rng.standard_normal((20, 8)).astype(np.float32)
+    users = rng.standard_normal((3, 8)).astype(np.float32)
+    seen = [np.arange(15), np.arange(5, 20), np.array([0, 0, 1, -1])]  # duplicates and -1 padding are tolerated
+    ids, scores = search_unseen(build_index(items, kind, nlist=4, nprobe=4), users, seen, 10)
+    assert ids.shape == (3, 10)
+    for row, expect_unseen in ((0, set(range(15, 20))), (1, set(range(5)))):
+        got = ids[row][ids[row] >= 0]
+        assert set(got.tolist()) == expect_unseen
+        assert np.all(ids[row, 5:] == -1) and np.all(np.isneginf(scores[row, 5:]))
+        order = np.argsort(-(items[got] @ users[row]))
+        np.testing.assert_array_equal(got, got[order])
+    assert (ids[2] >= 0).all() and not {0, 1} & set(ids[2].tolist())
+
+
+def test_k_larger_than_catalog_pads():
+    items = np.eye(4, dtype=np.float32)
+    ids, scores = search_unseen(build_index(items), np.array([[4.0, 3.0, 2.0, 1.0]], np.float32), [np.array([1])], 6)
+    np.testing.assert_array_equal(ids, [[0, 2, 3, -1, -1, -1]])
+    np.testing.assert_allclose(scores[0, :3], [4.0, 2.0, 1.0])
+
+
+def test_errors_name_what_is_wrong():
+    items = np.ones((5, 4), np.float32)
+    with pytest.raises(ValueError, match="infer.index.kind"):
+        build_index(items, "annoy")
+    with pytest.raises(ValueError, match="NaN"):
+        build_index(np.full((5, 4), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"\[num_users, 4\]"):
+        search_unseen(build_index(items), np.ones((2, 3), np.float32), [np.array([])] * 2, 3)
+    with pytest.raises(ValueError, match="seen"):
+        search_unseen(build_index(items), np.ones((2, 4), np.float32), [np.array([])], 3)
