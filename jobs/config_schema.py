@@ -176,7 +176,7 @@ class HardwareConfig:
     devices: int = 1
     num_nodes: int = 1
     num_workers: int = 1
-    cpus_per_worker: int = 1
+    cpus_per_worker: Optional[int] = None  # null: the driver machine's cores / num_workers (embedded Ray)
     gpus_per_worker: float = 0.0
     precision: Optional[str] = None  # overrides trainer.precision when set (bf16 on GPUs)
     torch_threads: Optional[int] = None

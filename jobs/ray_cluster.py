@@ -11,11 +11,17 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 
+def cpus_per_worker(cfg: DictConfig) -> int:
+    """``hardware.cpus_per_worker``, or this machine's cores shared among the workers when null."""
+    hw = cfg.hardware
+    return hw.cpus_per_worker or max(1, (os.cpu_count() or 1) // hw.num_workers)
+
+
 def local_cpus(cfg: DictConfig) -> int:
     """Logical CPUs for an embedded Ray: at least the machine's cores, with room beside the
     Train workers or the inference actors for Ray's own tasks (Ray Data reads, the controller)."""
     hw, inf = cfg.hardware, cfg.infer
-    need = max(hw.num_workers * hw.cpus_per_worker, inf.num_actors * inf.cpus_per_actor) + 2
+    need = max(hw.num_workers * cpus_per_worker(cfg), inf.num_actors * inf.cpus_per_actor) + 2
     return int(max(os.cpu_count() or 1, need))
 
 

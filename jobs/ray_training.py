@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
 from jobs.assembly import build_trainer, precision_of
-from jobs.ray_cluster import ray_session
+from jobs.ray_cluster import cpus_per_worker, ray_session
 from jobs.run_folder import MODEL_CKPT
 from jobs.training import build_stage, debug_callbacks, model_state_from_lightning, restore_config, save_model_checkpoint
 
@@ -66,7 +66,7 @@ def ray_fit(cfg: DictConfig, stage: str, run_dir: Path) -> dict[str, float]:
     hw, monitor = cfg.hardware, cfg.trainer.monitor
     storage = cfg.cluster.storage_path or str(Path(cfg.paths.outputs_root).resolve() / "ray")
     name = run_name_of(cfg, run_dir)
-    resources = {"CPU": hw.cpus_per_worker}
+    resources = {"CPU": cpus_per_worker(cfg)}  # Ray sets each worker's torch threads to this
     if hw.accelerator == "gpu":
         resources["GPU"] = hw.gpus_per_worker or 1
     trainer = TorchTrainer(

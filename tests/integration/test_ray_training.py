@@ -72,3 +72,15 @@ def test_a_killed_worker_resumes_from_the_latest_checkpoint(tiny_cfg):
     assert steps[restart] > 1, f"restarted from scratch: {steps}"  # resumed after the epoch-0 checkpoint
     assert steps[-1] == max(steps) and metrics["train/epochs"] == 3
     assert (run_dir / "checkpoints" / "model.ckpt").is_file()
+
+
+def test_a_run_started_again_with_the_same_name_resumes(tiny_cfg):
+    base = [*RAY, "strategy=ddp", "hardware.num_workers=1", "data.batch_size=32", "debug.record_losses=true", "run_name=resume-me"]
+    first = tiny_cfg("pretrain", *base, "pretrain.max_epochs=1")
+    run_stage_job(first, "pretrain")
+    steps_first = [x["step"] for x in losses(Path(first.paths.output_dir), 0)]
+    second = tiny_cfg("pretrain", *base, "pretrain.max_epochs=2", "paths.output_dir=" + str(Path(first.paths.output_dir).parent / "again"))
+    metrics = run_stage_job(second, "pretrain")
+    steps_second = [x["step"] for x in losses(Path(second.paths.output_dir), 0)]
+    assert steps_second[0] > steps_first[-1] - 1  # continued after epoch 0, not from step 0
+    assert metrics["train/epochs"] == 2
