@@ -129,6 +129,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
     mode = os.environ.get("WANDB_MODE", cfg.logger.wandb.mode)
     if cfg.logger.wandb.enabled and mode != "disabled":
+        import wandb
         from pytorch_lightning.loggers import WandbLogger
 
         loggers.append(
@@ -140,6 +141,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
                 tags=list(cfg.logger.wandb.tags),
                 name=f"{cfg.experiment_name}-{cfg.job}-{run_dir.parent.name}-{run_dir.name}",
                 mode=mode,
+                # write the offline run file every half second: a worker that Ray stops (an ASHA
+                # decision) gets no chance to flush at exit
+                settings=wandb.Settings(x_transaction_log_flush_interval=0.5),
             )
         )
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -150,6 +154,17 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 def precision_of(cfg: DictConfig) -> str:
     return cfg.hardware.precision or cfg.trainer.precision
+
+
+def finish_wandb() -> None:
+    """End this process's wandb run, so the next fit starts its own (Lightning reuses a live one)."""
+    import sys
+
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def build_trainer(cfg: DictConfig, stage: str, run_dir: Path, callbacks: list, **distributed) -> pl.Trainer:

@@ -35,7 +35,8 @@ from inference.faiss_index import build_index, search_unseen
 from jobs.assembly import build_datamodule
 from jobs.config_schema import register, validate
 from jobs.ray_cluster import ray_session
-from jobs.run_folder import create_run_folder, resolve_model_checkpoint, run_log_file, write_metrics
+from jobs.tracking import log_job_result
+from jobs.run_folder import create_run_folder, pin_hydra_output_dir, resolve_model_checkpoint, run_log_file, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("batch_infer: %s -> %s", ckpt, run_dir)
         metrics = batch_infer(cfg, ckpt, run_dir)
         write_metrics(run_dir, metrics)
+        log_job_result(cfg, run_dir, metrics, {"recommendations": run_dir / "recommendations.parquet", "item_embeddings": run_dir / "item_embeddings.parquet"})
     return metrics
 
 
@@ -250,7 +252,7 @@ register()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="batch_infer")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run(pin_hydra_output_dir(cfg))
 
 
 if __name__ == "__main__":

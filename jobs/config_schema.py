@@ -167,6 +167,9 @@ class StrategyConfig:
     gradient_accumulation_steps: int = 1
     activation_checkpointing: bool = False  # recompute GPT/BERT blocks in backward (HF gradient checkpointing)
     find_unused_parameters: bool = True  # ddp: frozen or conditionally used parameters are fine
+    # a collective (process-group setup included) that waits longer fails the workers, which
+    # Ray then restarts (trainer.max_failures) instead of hanging
+    collective_timeout_s: int = 300
 
 
 @dataclass
@@ -251,6 +254,36 @@ class PipelineConfig:
     batch_infer: bool = True  # end with batch inference (recommendations for every user)
 
 
+class SearcherKind(str, Enum):
+    random = "random"  # random / grid sampling (Tune's BasicVariantGenerator)
+    optuna = "optuna"  # Optuna's TPE (grid parameters are not allowed with it)
+
+
+@dataclass
+class AshaConfig:
+    enabled: bool = True
+    grace_period: int = 1  # epochs every trial gets before it can be stopped
+    reduction_factor: int = 2
+
+
+@dataclass
+class SweepConfig:
+    """A Ray Tune search over any config keys (see conf/sweep/)."""
+
+    name: str = "none"
+    stage: str = "finetune"  # what each trial trains: pretrain | finetune
+    metric: str = "val/ndcg@10"
+    mode: str = "max"
+    num_samples: int = 4  # samples per grid point
+    max_concurrent_trials: Optional[int] = None  # null: as many as the cluster's CPUs/GPUs fit
+    searcher: SearcherKind = SearcherKind.random
+    scheduler: AshaConfig = field(default_factory=AshaConfig)
+    # config key -> {type: choice|grid|uniform|loguniform|randint, values: [...] | lower/upper}
+    params: dict[str, Any] = field(default_factory=dict)
+    resume: bool = True  # a sweep started again with the same run_name continues its trials
+    export_best_to_conf: bool = False  # also write the best experiment into conf/experiment/
+
+
 @dataclass
 class JobConfig:
     job: str = MISSING  # pretrain | finetune | evaluate | batch_infer | pipeline
@@ -279,6 +312,7 @@ class JobConfig:
     infer: InferConfig = field(default_factory=InferConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register() -> None:

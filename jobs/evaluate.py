@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 from datamodules.sequence_datamodule import SequenceDataModule
 from jobs.assembly import build_datamodule, build_model
 from jobs.config_schema import register, validate
-from jobs.run_folder import create_run_folder, resolve_model_checkpoint, run_log_file, write_metrics
+from jobs.run_folder import create_run_folder, pin_hydra_output_dir, resolve_model_checkpoint, run_log_file, write_metrics
+from jobs.tracking import log_job_result
 from jobs.training import load_model_checkpoint, restore_config
 from lightning_modules.full_ranking import model_scorer, popularity_scorer, rank_batches
 from lightning_modules.ranking_metrics import category_matrix
@@ -79,6 +80,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("evaluate: %s -> %s", ckpt, run_dir)
         metrics = evaluate_checkpoint(ckpt, run_dir, cfg.eval_batches_keep)
         write_metrics(run_dir, metrics)
+        log_job_result(cfg, run_dir, metrics, {"test_recommendations": run_dir / "test_recommendations.parquet"})
         log.info("test ndcg@10 %.4f (popularity %.4f)", metrics["test/ndcg@10"], metrics["popularity/test/ndcg@10"])
     return metrics
 
@@ -88,7 +90,7 @@ register()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run(pin_hydra_output_dir(cfg))
 
 
 if __name__ == "__main__":

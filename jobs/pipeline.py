@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from jobs import batch_infer, evaluate
 from jobs.config_schema import register, validate
-from jobs.run_folder import create_run_folder, run_log_file, write_metrics
+from jobs.run_folder import create_run_folder, pin_hydra_output_dir, run_log_file, write_metrics
 from jobs.training import run_stage_job
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ def stage_config(cfg: DictConfig, job: str, run_dir: Path, **values: object) -> 
     c = cfg.copy()
     c.job = job
     c.paths.output_dir = str(run_dir / job)
+    c.logger.wandb.group = cfg.logger.wandb.group or f"{cfg.experiment_name}-pipeline-{run_dir.parent.name}-{run_dir.name}"
     if cfg.run_name:
         c.run_name = f"{cfg.run_name}-{job}"
     for key, value in values.items():
@@ -116,7 +117,7 @@ register()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run(pin_hydra_output_dir(cfg))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from jobs.run_folder import pin_hydra_output_dir
 from jobs.config_schema import register
 from jobs.training import run_stage_job
 
@@ -17,7 +18,7 @@ register()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run(pin_hydra_output_dir(cfg))
 
 
 if __name__ == "__main__":

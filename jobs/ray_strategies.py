@@ -1,6 +1,7 @@
 """Lightning strategies for Ray Train workers: DDP, DeepSpeed on GPUs, DeepSpeed on CPUs (gloo)."""
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -9,11 +10,15 @@ from pytorch_lightning.strategies import DDPStrategy
 from ray.train.lightning import RayDDPStrategy, RayDeepSpeedStrategy
 
 
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
 class CPURayDeepSpeedStrategy(RayDeepSpeedStrategy):
     """RayDeepSpeedStrategy for CPU workers (DeepSpeed's CPU accelerator, gloo).
 
     Lightning's DeepSpeedStrategy assumes CUDA in three places; this subclass only
-    removes those assumptions and is used only when the accelerator is the CPU.
+    removes those assumptions (and skips DeepSpeed's JIT-compiled shared-memory op) and is used
+    only when the accelerator is the CPU.
     """
 
     @property
@@ -26,8 +31,13 @@ class CPURayDeepSpeedStrategy(RayDeepSpeedStrategy):
 
     def setup_distributed(self) -> None:
         # As DeepSpeedStrategy.setup_distributed, without the CUDA device-index validation.
+        import deepspeed.ops
         from lightning_fabric.utilities.seed import reset_seed
 
+        # DeepSpeed would JIT-compile its shared-memory all-reduce op here, behind a file lock in
+        # the torch extensions folder that a killed worker leaves held (every later run then
+        # waits forever). Plain gloo collectives do the same work.
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
@@ -59,9 +69,10 @@ def build_strategy(cfg: DictConfig, precision: str):
     """The Ray strategy for ``cfg.strategy`` on ``cfg.hardware.accelerator``."""
     name = cfg.strategy.name.value if hasattr(cfg.strategy.name, "value") else cfg.strategy.name
     on_gpu = cfg.hardware.accelerator == "gpu"
+    timeout = timedelta(seconds=cfg.strategy.collective_timeout_s)
     if name == "ddp":
-        return RayDDPStrategy(find_unused_parameters=cfg.strategy.find_unused_parameters)
+        return RayDDPStrategy(find_unused_parameters=cfg.strategy.find_unused_parameters, timeout=timeout)
     if name == "deepspeed":
         config = deepspeed_config(cfg, bf16=precision.startswith("bf16"))
-        return RayDeepSpeedStrategy(config=config) if on_gpu else CPURayDeepSpeedStrategy(config=config)
+        return RayDeepSpeedStrategy(config=config, timeout=timeout) if on_gpu else CPURayDeepSpeedStrategy(config=config, timeout=timeout)
     raise ValueError(f"strategy.name={name!r} cannot run under Ray (use ddp or deepspeed)")

@@ -10,10 +10,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
-from jobs.assembly import build_trainer, precision_of
+from jobs.assembly import build_trainer, finish_wandb, precision_of
 from jobs.ray_cluster import cpus_per_worker, ray_session
 from jobs.run_folder import MODEL_CKPT
-from jobs.training import build_stage, debug_callbacks, model_state_from_lightning, restore_config, save_model_checkpoint
+from jobs.training import build_stage, stage_callbacks, model_state_from_lightning, restore_config, save_model_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,18 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = restore_config(config["cfg"])
     stage, run_dir = config["stage"], Path(config["run_dir"])
+    if "overrides" in config:  # a Tune trial: its sampled values, its own folder and wandb run
+        trial = ray.train.get_context().get_trial_name()
+        cfg = apply_overrides(cfg, config["overrides"])
+        run_dir = run_dir / "trials" / trial
+        cfg.paths.output_dir = str(run_dir)
+        cfg.logger.wandb.enabled = False  # the sweep's driver logs each trial to wandb (jobs/sweep.py)
+        cfg.run_name = trial
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     dm, module = build_stage(cfg, stage)
     deepspeed = (cfg.strategy.name.value if hasattr(cfg.strategy.name, "value") else cfg.strategy.name) == "deepspeed"
-    callbacks = [RayTrainReportCallback(), EarlyStopping(monitor=cfg.trainer.monitor, mode="max", patience=cfg.trainer.early_stopping_patience), *debug_callbacks(cfg, run_dir)]
+    callbacks = [RayTrainReportCallback(), EarlyStopping(monitor=cfg.trainer.monitor, mode="max", patience=cfg.trainer.early_stopping_patience), *stage_callbacks(cfg, run_dir)]
     trainer = build_trainer(
         cfg,
         stage,
@@ -45,41 +54,91 @@ def train_loop_per_worker(config: dict) -> None:
     )
     trainer = prepare_trainer(trainer)
     resume = ray.train.get_checkpoint()
-    if resume is None:
-        trainer.fit(module, datamodule=dm)
-        return
-    with resume.as_directory() as folder:
-        ckpt_path = Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
-        log.info("resuming %s from %s", stage, ckpt_path)
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path))
+    try:
+        if resume is None:
+            trainer.fit(module, datamodule=dm)
+            return
+        with resume.as_directory() as folder:
+            ckpt_path = Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
+            log.info("resuming %s from %s", stage, ckpt_path)
+            trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path))
+    finally:
+        finish_wandb()
+
+
+def apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
+    """A copy of ``cfg`` with dotted keys set (type-checked by the schema) and validated."""
+    from jobs.config_schema import validate
+
+    cfg = cfg.copy()
+    for key, value in overrides.items():
+        if OmegaConf.select(cfg, key, default=KeyError) is KeyError:
+            raise KeyError(f"sweep.params: '{key}' is not a config key")
+        OmegaConf.update(cfg, key, value.item() if hasattr(value, "item") else value, merge=False)
+    validate(cfg)
+    return cfg
+
+
+def consolidate(checkpoint, path: Path, cfg: DictConfig, meta: dict) -> int:
+    """Write a reported Ray checkpoint as the consolidated model.ckpt; returns its epoch."""
+    with checkpoint.as_directory() as folder:
+        state, epoch = model_state_from_lightning(Path(folder) / "checkpoint.ckpt")
+    save_model_checkpoint(path, state, cfg, meta | {"best_epoch": epoch, "source": checkpoint.path})
+    return epoch
 
 
 def run_name_of(cfg: DictConfig, run_dir: Path) -> str:
     return cfg.run_name or f"{cfg.experiment_name}-{cfg.job}-{run_dir.parent.name}-{run_dir.name}"
 
 
-def ray_fit(cfg: DictConfig, stage: str, run_dir: Path) -> dict[str, float]:
-    """Launch ``stage`` on Ray Train and write the best epoch's consolidated checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def torch_trainer(cfg: DictConfig, stage: str, run_dir: Path, name: str, storage: str, extra: dict | None = None):
+    """The TorchTrainer of one stage: scaling from ``cfg.hardware``, best-k checkpoints by the
+    monitor, restarts of dead workers. ``extra`` goes into the workers' config (Tune trials)."""
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    hw, monitor = cfg.hardware, cfg.trainer.monitor
-    storage = cfg.cluster.storage_path or str(Path(cfg.paths.outputs_root).resolve() / "ray")
-    name = run_name_of(cfg, run_dir)
+    hw = cfg.hardware
     resources = {"CPU": cpus_per_worker(cfg)}  # Ray sets each worker's torch threads to this
     if hw.accelerator == "gpu":
         resources["GPU"] = hw.gpus_per_worker or 1
-    trainer = TorchTrainer(
+    scaling = dict(num_workers=hw.num_workers, use_gpu=hw.accelerator == "gpu", resources_per_worker=resources)
+    if not is_train_v2():
+        scaling["trainer_resources"] = {"CPU": 0}  # the Tune trial's coordinator holds no core
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "stage": stage, "run_dir": str(run_dir)},
-        scaling_config=ScalingConfig(num_workers=hw.num_workers, use_gpu=hw.accelerator == "gpu", resources_per_worker=resources),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints, checkpoint_score_attribute=monitor, checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-        ),
+        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "stage": stage, "run_dir": str(run_dir), **(extra or {})},
+        scaling_config=ScalingConfig(**scaling),
+        run_config=run_config(cfg, name, storage),
     )
+
+
+def run_config(cfg: DictConfig, name: str, storage: str, callbacks: list | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(
+        name=name,
+        callbacks=callbacks or None,
+        storage_path=storage,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints, checkpoint_score_attribute=cfg.trainer.monitor, checkpoint_score_order="max"),
+        failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+    )
+
+
+def is_train_v2() -> bool:
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    return is_v2_enabled()
+
+
+def storage_of(cfg: DictConfig) -> str:
+    return cfg.cluster.storage_path or str(Path(cfg.paths.outputs_root).resolve() / "ray")
+
+
+def ray_fit(cfg: DictConfig, stage: str, run_dir: Path) -> dict[str, float]:
+    """Launch ``stage`` on Ray Train and write the best epoch's consolidated checkpoint."""
+    hw, monitor = cfg.hardware, cfg.trainer.monitor
+    storage, name = storage_of(cfg), run_name_of(cfg, run_dir)
+    trainer = torch_trainer(cfg, stage, run_dir, name, storage)
     log.info("ray: %s with %d worker(s), strategy %s; checkpoints in %s/%s", stage, hw.num_workers, cfg.strategy.name, storage, name)
     start = time.perf_counter()
     with ray_session(cfg):
@@ -91,9 +150,7 @@ def ray_fit(cfg: DictConfig, stage: str, run_dir: Path) -> dict[str, float]:
     if not ranked:
         raise RuntimeError(f"{stage}: Ray Train run {name} reported no checkpoint with '{monitor}'")
     checkpoint, reported = max(ranked, key=lambda cm: cm[1][monitor])
-    with checkpoint.as_directory() as folder:
-        state, best_epoch = model_state_from_lightning(Path(folder) / "checkpoint.ckpt")
-    save_model_checkpoint(run_dir / MODEL_CKPT, state, cfg, {"stage": stage, "best_epoch": best_epoch, "source": checkpoint.path, "ray_run": name})
+    best_epoch = consolidate(checkpoint, run_dir / MODEL_CKPT, cfg, {"stage": stage, "ray_run": name})
     metrics = {k: float(v) for k, v in reported.items() if k.startswith("val/")}
     metrics.update({"train/seconds": seconds, "train/best_epoch": float(best_epoch), "train/epochs": float(result.metrics.get("epoch", best_epoch)) + 1})
     log.info("%s: best %s = %.4f at epoch %d (%.0f s)", stage, monitor, metrics[monitor], best_epoch, seconds)

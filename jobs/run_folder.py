@@ -80,3 +80,13 @@ def resolve_model_checkpoint(spec: str, outputs_root: str | Path, job: str, expe
     if not path.is_file():
         raise FileNotFoundError(f"{spec}: no such checkpoint (expected a run folder containing {MODEL_CKPT}, a .ckpt file or 'latest')")
     return path
+
+
+def pin_hydra_output_dir(cfg: DictConfig) -> DictConfig:
+    """Under ``@hydra.main``, make the run folder Hydra's own output folder (one per job of a
+    ``-m`` multirun, else ``paths.output_dir``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    return cfg

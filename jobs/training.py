@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from datamodules.sequence_datamodule import SequenceDataModule
-from jobs.assembly import build_datamodule, build_model, build_module, build_trainer
+from jobs.assembly import build_datamodule, build_model, build_module, build_trainer, finish_wandb
 from jobs.config_schema import JobConfig, validate
+from jobs.tracking import log_job_result
 from jobs.run_folder import MODEL_CKPT, create_run_folder, resolve_model_checkpoint, run_log_file, write_metrics
 from lightning_modules.retrieval_module import RetrievalModule
 from lightning_modules.two_tower_model import TwoTowerModel
@@ -137,8 +138,28 @@ class ScoreRecorder(Callback):
             torch.save(saved, self.folder / f"scores-epoch{trainer.current_epoch}.pt")
 
 
-def debug_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
-    callbacks: list[Callback] = []
+class EpochHistory(Callback):
+    """Rank 0 appends one line per epoch to <run>/metrics_history.jsonl: the mean training loss
+    and the validation metrics (what jobs.report plots)."""
+
+    def __init__(self, path: Path):
+        self.path, self.losses = path, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # runs after the epoch's validation
+        if trainer.global_rank == 0 and not trainer.sanity_checking:
+            row = {"epoch": trainer.current_epoch, "step": trainer.global_step, "train/loss": sum(self.losses) / max(1, len(self.losses))}
+            row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.losses = []
+
+
+def stage_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
+    """The callbacks every fit gets: the epoch history, plus the debug ones configured."""
+    callbacks: list[Callback] = [EpochHistory(run_dir / "metrics_history.jsonl")]
     if cfg.debug.fail_at_step is not None:
         callbacks.append(FailAtStep(cfg.debug.fail_at_step, cfg.debug.fail_rank, run_dir / "debug" / "fault_injected"))
     if cfg.debug.record_losses:
@@ -161,10 +182,13 @@ def local_fit(cfg: DictConfig, stage: str, run_dir: Path) -> dict[str, float]:
     dm, module = build_stage(cfg, stage)
     monitor = cfg.trainer.monitor
     checkpoint_cb = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best-{epoch:03d}", monitor=monitor, mode="max", save_top_k=1, save_last=True)
-    callbacks = [checkpoint_cb, EarlyStopping(monitor=monitor, mode="max", patience=cfg.trainer.early_stopping_patience), *debug_callbacks(cfg, run_dir)]
+    callbacks = [checkpoint_cb, EarlyStopping(monitor=monitor, mode="max", patience=cfg.trainer.early_stopping_patience), *stage_callbacks(cfg, run_dir)]
     trainer = build_trainer(cfg, stage, run_dir, callbacks)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    try:
+        trainer.fit(module, datamodule=dm)
+    finally:
+        finish_wandb()
     seconds = time.perf_counter() - start
     if not checkpoint_cb.best_model_path:
         raise RuntimeError(f"{stage}: no checkpoint was saved (did validation run? monitor '{monitor}')")
@@ -191,4 +215,5 @@ def run_stage_job(cfg: DictConfig, stage: str) -> dict[str, float]:
 
             metrics = ray_fit(cfg, stage, run_dir)
         write_metrics(run_dir, metrics)
+        log_job_result(cfg, run_dir, metrics, {"model": run_dir / MODEL_CKPT})
     return metrics

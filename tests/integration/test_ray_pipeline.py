@@ -11,7 +11,7 @@ import torch
 def test_pipeline_on_ray_with_deepspeed_writes_every_file(tiny_cfg):
     cfg = tiny_cfg(
         "pipeline", "launcher=ray", "strategy=deepspeed_stage_2", "hardware=cpu", "hardware.num_workers=2",
-        "cluster.num_cpus=4", "infer.use_ray=true", "infer.num_actors=2", "pretrain.max_epochs=2", "finetune.max_epochs=2",
+        "cluster.num_cpus=4", "strategy.collective_timeout_s=120", "infer.use_ray=true", "infer.num_actors=2", "pretrain.max_epochs=2", "finetune.max_epochs=2",
         "data.batch_size=16",
     )
     from jobs import pipeline

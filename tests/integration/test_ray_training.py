@@ -11,7 +11,7 @@ import torch
 from jobs.assembly import build_datamodule, build_model
 from jobs.training import load_model_checkpoint, restore_config, run_stage_job
 
-RAY = ["launcher=ray", "cluster.num_cpus=4", "logger=none"]
+RAY = ["launcher=ray", "cluster.num_cpus=4", "logger=none", "strategy.collective_timeout_s=120"]
 
 
 def losses(run_dir: Path, rank: int) -> list[dict]:
