@@ -56,7 +56,7 @@ def build_datamodule(cfg: DictConfig) -> SequenceDataModule:
         batch_size=cfg.data.batch_size,
         eval_batch_size=cfg.data.eval_batch_size,
         num_workers=cfg.data.num_workers,
-        train_windows=str(cfg.data.train_windows.value if hasattr(cfg.data.train_windows, "value") else cfg.data.train_windows),
+        train_windows=_value(cfg.data.train_windows),
     )
     dm.setup()
     return dm

@@ -4,11 +4,13 @@ dead workers restarted from the latest checkpoint, the best one consolidated int
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.callbacks import Callback, EarlyStopping
 
 from jobs.assembly import build_trainer, finish_wandb, precision_of
 from jobs.ray_cluster import cpus_per_worker, ray_session
@@ -18,11 +20,33 @@ from jobs.training import build_stage, stage_callbacks, model_state_from_lightni
 log = logging.getLogger(__name__)
 
 
+class EpochReport(Callback):
+    """Reports every epoch's metrics and a checkpoint to Ray (what RayTrainReportCallback does),
+    staging the checkpoint in a folder of its own: Ray's callback derives its folder from the job
+    id and run name alone, so concurrent Tune trials on one node overwrote and deleted each
+    other's checkpoints."""
+
+    CHECKPOINT_NAME = "checkpoint.ckpt"
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        import ray.train
+
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics |= {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        staging = tempfile.mkdtemp(prefix=f"towerrec-ckpt-rank{trainer.global_rank}-")
+        try:
+            trainer.save_checkpoint(str(Path(staging) / self.CHECKPOINT_NAME), weights_only=False)
+            ray.train.report(metrics=metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
+            trainer.strategy.barrier()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """What every Ray Train worker runs. Plain and importable: ``config`` holds the resolved
     job config (plain containers), the stage and the run folder."""
     import ray.train
-    from ray.train.lightning import RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+    from ray.train.lightning import RayLightningEnvironment, prepare_trainer
 
     from jobs.ray_strategies import build_strategy
 
@@ -39,7 +63,7 @@ def train_loop_per_worker(config: dict) -> None:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     dm, module = build_stage(cfg, stage)
     deepspeed = (cfg.strategy.name.value if hasattr(cfg.strategy.name, "value") else cfg.strategy.name) == "deepspeed"
-    callbacks = [RayTrainReportCallback(), EarlyStopping(monitor=cfg.trainer.monitor, mode="max", patience=cfg.trainer.early_stopping_patience), *stage_callbacks(cfg, run_dir)]
+    callbacks = [EpochReport(), EarlyStopping(monitor=cfg.trainer.monitor, mode="max", patience=cfg.trainer.early_stopping_patience), *stage_callbacks(cfg, run_dir)]
     trainer = build_trainer(
         cfg,
         stage,
@@ -59,7 +83,7 @@ def train_loop_per_worker(config: dict) -> None:
             trainer.fit(module, datamodule=dm)
             return
         with resume.as_directory() as folder:
-            ckpt_path = Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
+            ckpt_path = Path(folder) / EpochReport.CHECKPOINT_NAME
             log.info("resuming %s from %s", stage, ckpt_path)
             trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path))
     finally:
@@ -82,7 +106,7 @@ def apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
 def consolidate(checkpoint, path: Path, cfg: DictConfig, meta: dict) -> int:
     """Write a reported Ray checkpoint as the consolidated model.ckpt; returns its epoch."""
     with checkpoint.as_directory() as folder:
-        state, epoch = model_state_from_lightning(Path(folder) / "checkpoint.ckpt")
+        state, epoch = model_state_from_lightning(Path(folder) / EpochReport.CHECKPOINT_NAME)
     save_model_checkpoint(path, state, cfg, meta | {"best_epoch": epoch, "source": checkpoint.path})
     return epoch
 

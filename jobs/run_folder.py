@@ -15,9 +15,17 @@ log = logging.getLogger(__name__)
 MODEL_CKPT = Path("checkpoints") / "model.ckpt"
 
 
+def pin_absolute_paths(cfg: DictConfig) -> DictConfig:
+    """Make the data, cache and output paths absolute: Ray workers run in other folders."""
+    for key in ("root_dir", "data_dir", "cache_dir", "outputs_root"):
+        cfg.paths[key] = str(Path(str(cfg.paths[key])).resolve())
+    return cfg
+
+
 def create_run_folder(cfg: DictConfig) -> Path:
-    """Resolve ``paths.output_dir`` once, pin it in the config, create it and write config.yaml."""
+    """Pin absolute paths and the run folder in the config, create it and write config.yaml."""
     run_dir = Path(str(cfg.paths.output_dir)).resolve()
+    pin_absolute_paths(cfg)
     cfg.paths.output_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
