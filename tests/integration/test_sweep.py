@@ -120,3 +120,23 @@ def test_dashboard_serves_tensorboard_on_loopback(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_sweep_whose_driver_died_resumes_under_the_same_name(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "TOWERREC_ROOT": str(tmp_path), "RAY_DASHBOARD_ENABLED": "0"}
+    args = [sys.executable, "-m", "jobs.sweep", *SWEEP, "logger=none", "run_name=resume-me"]
+    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    trials = tmp_path / "outputs" / "ray" / "resume-me"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(list(trials.glob("TorchTrainer_*"))) < 2 and first.poll() is None:
+            time.sleep(1)
+        assert first.poll() is None, "the sweep ended before it could be interrupted"
+    finally:
+        os.killpg(first.pid, 9)  # the driver dies, and its Ray with it
+        first.wait(timeout=60)
+    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "sweep: resuming" in second.stdout + second.stderr
+    (table,) = (tmp_path / "outputs" / "sweep").glob("*/*/trials.parquet")
+    assert len(pd.read_parquet(table)) == 4
