@@ -140,3 +140,14 @@ def test_a_sweep_whose_driver_died_resumes_under_the_same_name(tmp_path):
     assert "sweep: resuming" in second.stdout + second.stderr
     (table,) = (tmp_path / "outputs" / "sweep").glob("*/*/trials.parquet")
     assert len(pd.read_parquet(table)) == 4
+
+
+def test_optuna_searcher_runs_a_sweep(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "TOWERREC_ROOT": str(tmp_path), "RAY_DASHBOARD_ENABLED": "0"}
+    args = ["sweep=tiny_optuna", *SWEEP[1:], "logger=none", "finetune.max_epochs=2"]
+    proc = subprocess.run([sys.executable, "-m", "jobs.sweep", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (table,) = (tmp_path / "outputs" / "sweep").glob("*/*/trials.parquet")
+    trials = pd.read_parquet(table)
+    assert len(trials) == 3 and (trials["status"] != "ERROR").all()
+    assert trials["finetune.lr"].between(1e-4, 1e-2).all() and set(trials["finetune.loss.num_negatives"]) <= {16, 64}
