@@ -10,7 +10,6 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch

@@ -19,7 +19,6 @@ from jobs.config_schema import JobConfig, validate
 from jobs.tracking import log_job_result
 from jobs.run_folder import MODEL_CKPT, create_run_folder, resolve_model_checkpoint, run_log_file, write_metrics
 from lightning_modules.retrieval_module import RetrievalModule
-from lightning_modules.two_tower_model import TwoTowerModel
 
 log = logging.getLogger(__name__)
 
