@@ -57,8 +57,9 @@ def load_embedding_model(
 
 
 def full_histories(dm: SequenceDataModule) -> list[np.ndarray]:
-    """Each user's whole chronological history: training items, then the valid and the test item."""
-    return [np.append(h, t).astype(np.int64) for h, t in zip(dm.history("test"), dm.test_targets)]
+    """Each user's whole chronological history: training items (cold-start ones included: in
+    production every item is known), then the valid and the test item."""
+    return [np.append(h, t).astype(np.int64) for h, t in zip(dm.history("test", seen=True), dm.test_targets)]
 
 
 def user_histories(histories: list[np.ndarray], max_seq_len: int) -> UserHistories:

@@ -57,6 +57,8 @@ def build_datamodule(cfg: DictConfig) -> SequenceDataModule:
         eval_batch_size=cfg.data.eval_batch_size,
         num_workers=cfg.data.num_workers,
         train_windows=_value(cfg.data.train_windows),
+        cold_items=cfg.data.cold_start.num_items,
+        cold_seed=cfg.data.cold_start.seed,
     )
     dm.setup()
     return dm
@@ -88,8 +90,10 @@ def build_model(cfg: DictConfig, dm: SequenceDataModule) -> TwoTowerModel:
         unfreeze_top_layers=it.unfreeze_top_layers,
         dropout=it.dropout,
     )
+    if dm.cold_mask.any():
+        item_tower.set_cold_items(torch.as_tensor(dm.cold_mask))
     gpt = build_gpt2(ut.n_layer, ut.n_head, ut.n_embd, max(cfg.data.max_seq_len, 8), ut.dropout, m.attn_implementation)
-    return TwoTowerModel(item_tower, UserTower(gpt, m.dim), temperature=m.temperature, normalize=m.normalize)
+    return TwoTowerModel(item_tower, UserTower(gpt, m.dim), temperature=m.temperature, normalize=m.normalize, dropout_targets=it.dropout_targets)
 
 
 def build_module(cfg: DictConfig, stage: str, model: TwoTowerModel, dm: SequenceDataModule) -> RetrievalModule:
@@ -98,7 +102,13 @@ def build_module(cfg: DictConfig, stage: str, model: TwoTowerModel, dm: Sequence
     loss = None
     if _value(s.loss.kind) == "sampled_softmax":
         loss = SampledSoftmaxLoss(
-            torch.as_tensor(dm.item_train_counts), s.loss.num_negatives, _value(s.loss.sampler), s.loss.logq_correction, s.loss.popularity_alpha
+            torch.as_tensor(dm.item_train_counts),
+            s.loss.num_negatives,
+            _value(s.loss.sampler),
+            s.loss.logq_correction,
+            s.loss.popularity_alpha,
+            allowed=torch.as_tensor(~dm.cold_mask),
+            label_smoothing=cfg.trainer.label_smoothing,
         )
     common = dict(
         sampled_loss=loss,
@@ -110,6 +120,7 @@ def build_module(cfg: DictConfig, stage: str, model: TwoTowerModel, dm: Sequence
         train_positions=_value(s.train_positions),
         ks=tuple(cfg.trainer.metrics_ks),
         item_categories=category_matrix(dm.item_categories),
+        label_smoothing=cfg.trainer.label_smoothing,
     )
     if stage == "pretrain":
         mask_id, specials = None, ()

@@ -45,6 +45,14 @@ class Schedule(str, Enum):
 
 
 @dataclass
+class ColdStartConfig:
+    """Items held out of all training, to measure ranking from item text alone."""
+
+    num_items: int = 0  # drawn among the items that are some user's test item; 0 = none
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     # A reader call: {_target_: module.function, ...kwargs} returning a RawDataset.
@@ -56,6 +64,7 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 256
     num_workers: int = 0
+    cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
 
 
 @dataclass
@@ -75,6 +84,8 @@ class ItemTowerConfig:
     freeze_encoder: bool = True
     unfreeze_top_layers: int = 0
     dropout: float = 0.1
+    # dropout also on the vectors of the items being scored (not only on the user tower's inputs)
+    dropout_targets: bool = False
 
 
 @dataclass
@@ -126,6 +137,7 @@ class TrainerConfig:
     warmup_steps: int = 0
     lr_schedule: Schedule = Schedule.constant
     gradient_clip_val: float = 1.0
+    label_smoothing: float = 0.0
     precision: str = "32-true"
     early_stopping_patience: int = 5
     monitor: str = "val/ndcg@10"
@@ -369,6 +381,10 @@ def validate(cfg: DictConfig) -> None:
         fail("data.max_seq_len", f"must be >= 1, got {d.max_seq_len}")
     if d.min_user_interactions < 3:
         fail("data.min_user_interactions", "must be >= 3 (one item each for train, valid, test)")
+    if d.cold_start.num_items < 0:
+        fail("data.cold_start.num_items", "must be >= 0")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        fail("trainer.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
     if d.batch_size < 1 or d.eval_batch_size < 1:
         fail("data.batch_size", "batch sizes must be >= 1")
     if not t.metrics_ks or min(t.metrics_ks) < 1:

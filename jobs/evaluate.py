@@ -67,6 +67,14 @@ def evaluate_checkpoint(ckpt_path: Path, run_dir: Path, keep: int = 50) -> dict[
         for split in ("valid", "test"):
             acc = rank_batches(pop, dm.eval_dataloader(split), dm.num_items, ks, cats)
             metrics.update({f"popularity/{split}/{k}": v for k, v in acc.compute().items()})
+        if dm.cold_mask.any():  # test users whose item was held out of training vs the rest
+            for kind in ("cold", "warm"):
+                loader = dm.eval_dataloader("test", kind)
+                for prefix, s in (("", scorer), ("popularity/", pop)):
+                    acc = rank_batches(s, loader, dm.num_items, ks, cats)
+                    metrics.update({f"{prefix}test_{kind}/{k}": v for k, v in acc.compute().items()})
+                metrics[f"test_{kind}/num_users"] = float(len(loader.dataset))
+            metrics["cold_items"] = float(dm.cold_mask.sum())
     metrics["test/num_users"] = float(len(dm.test_targets))
     return metrics
 

@@ -5,6 +5,7 @@ import logging
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class ItemTower(nn.Module):
         unfreeze_top_layers: int = 0,
         dropout: float = 0.1,
         chunk_size: int = 256,
+        cache_frozen_layers_max_bytes: int = 2**31,
     ):
         super().__init__()
         if encoder is None and not use_id_embedding:
@@ -59,8 +61,24 @@ class ItemTower(nn.Module):
             self.register_buffer("attention_mask", attention_mask, persistent=False)
             self.text_proj = nn.Linear(encoder.config.hidden_size, dim)
             self._apply_freezing(freeze_encoder, unfreeze_top_layers)
+        # cold-start items: never trained, so their id embedding is left out (text alone)
+        self.register_buffer("cold", torch.zeros(num_items, dtype=torch.bool), persistent=False)
         self._text_cache: torch.Tensor | None = None
+        # with only the top layers trainable, the frozen lower layers' output is computed once
+        # (in eval mode) when it fits in this many bytes; the trainable layers run every step
+        self.frozen_bottom = 0
+        if encoder is not None and freeze_encoder and unfreeze_top_layers:
+            self.frozen_bottom = len(encoder.encoder.layer) - unfreeze_top_layers
+        self.cache_frozen_layers_max_bytes = cache_frozen_layers_max_bytes
+        self._bottom_cache: torch.Tensor | None = None
         self.train()
+
+    def set_cold_items(self, mask: torch.Tensor) -> None:
+        """Mark items held out of training; their vectors come from their text alone."""
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        if mask.shape != (self.num_items,):
+            raise ValueError(f"cold-item mask must have shape ({self.num_items},), got {tuple(mask.shape)}")
+        self.cold = mask.to(self.cold.device)
 
     def _apply_freezing(self, freeze: bool, unfreeze_top_layers: int) -> None:
         assert self.encoder is not None
@@ -95,8 +113,40 @@ class ItemTower(nn.Module):
         ids = self.token_ids[item_idx]
         mask = self.attention_mask[item_idx]
         width = int(mask.sum(dim=1).max().item()) if mask.numel() else 1
-        hidden = self.encoder(input_ids=ids[:, :width], attention_mask=mask[:, :width]).last_hidden_state
+        bottom = self._frozen_bottom_states()
+        if bottom is None:
+            hidden = self.encoder(input_ids=ids[:, :width], attention_mask=mask[:, :width]).last_hidden_state
+        else:
+            hidden = self._run_layers(bottom[item_idx, :width], mask[:, :width], self.frozen_bottom)
         return self._pool(hidden, mask[:, :width])
+
+    def _run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, first: int, last: int | None = None) -> torch.Tensor:
+        """Encoder layers ``first``..``last`` over hidden states (bidirectional, padding masked)."""
+        attention = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden, attention_mask=mask)
+        for layer in self.encoder.encoder.layer[first:last]:
+            hidden = layer(hidden, attention)
+        return hidden
+
+    def _frozen_bottom_states(self) -> torch.Tensor | None:
+        """Hidden states of every item after the frozen lower layers, computed once; None when
+        nothing is partially frozen or the cache would not fit."""
+        if not self.frozen_bottom:
+            return None
+        device = self.token_ids.device
+        if self._bottom_cache is None or self._bottom_cache.device != device:
+            size = self.token_ids.numel() * self.encoder.config.hidden_size * 4
+            if size > self.cache_frozen_layers_max_bytes:
+                return None
+            was_training = self.encoder.training
+            self.encoder.eval()
+            with torch.no_grad():
+                chunks = []
+                for ids, mask in zip(self.token_ids.split(self.chunk_size), self.attention_mask.split(self.chunk_size)):
+                    chunks.append(self._run_layers(self.encoder.embeddings(input_ids=ids), mask, 0, self.frozen_bottom))
+                self._bottom_cache = torch.cat(chunks)
+            self.encoder.train(was_training)
+            log.info("item tower: cached the %d frozen encoder layers' output for %d items (%.0f MB)", self.frozen_bottom, self.num_items, size / 2**20)
+        return self._bottom_cache
 
     def _frozen_text(self, item_idx: torch.Tensor) -> torch.Tensor:
         if self._text_cache is None or self._text_cache.device != item_idx.device:
@@ -106,8 +156,11 @@ class ItemTower(nn.Module):
             log.info("item tower: cached frozen text encodings of %d items", self.num_items)
         return self._text_cache[item_idx]
 
-    def forward(self, item_idx: torch.Tensor) -> torch.Tensor:
-        """Item vectors for any-shaped index tensor: [...] -> [..., dim]."""
+    def forward(self, item_idx: torch.Tensor, dropout: bool = True) -> torch.Tensor:
+        """Item vectors for any-shaped index tensor: [...] -> [..., dim].
+
+        ``dropout`` False skips the tower's dropout (scoring targets: dropout regularises the
+        user tower's inputs, while noise on the vectors being scored only blurs the softmax)."""
         flat = item_idx.reshape(-1)
         unique, inverse = torch.unique(flat, return_inverse=True)
         out = None
@@ -116,8 +169,11 @@ class ItemTower(nn.Module):
             out = self.text_proj(text)
         if self.id_embedding is not None:
             ids = self.id_embedding(unique)
+            if self.cold.any():
+                ids = ids * (~self.cold[unique]).unsqueeze(-1).to(ids.dtype)
             out = ids if out is None else out + ids
-        out = self.dropout(out)
+        if dropout:
+            out = self.dropout(out)
         return out[inverse].reshape(*item_idx.shape, self.dim)
 
     @torch.no_grad()

@@ -47,7 +47,8 @@ class PretrainModule(RetrievalModule):
 
     def mlm_loss(self) -> torch.Tensor:
         tower = self.model.item_tower
-        items = torch.randint(tower.num_items, (self.mlm_batch_items,), device=tower.token_ids.device)
+        warm = (~tower.cold).nonzero().squeeze(1)  # held-out (cold-start) items' text is never fitted
+        items = warm[torch.randint(warm.numel(), (self.mlm_batch_items,), device=warm.device)]
         ids, attention = tower.token_ids[items], tower.attention_mask[items]
         special = torch.isin(ids, self.special_ids)
         inputs, labels = mask_tokens(ids, attention, special, self.mask_token_id, tower.encoder.config.vocab_size, self.mlm_probability)

@@ -36,10 +36,13 @@ class RetrievalModule(pl.LightningModule):
         train_positions: str = "all",
         ks: tuple[int, ...] = DEFAULT_KS,
         item_categories: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
         if train_positions not in ("all", "last"):
             raise ValueError(f"train_positions must be 'all' or 'last', got '{train_positions}'")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"trainer.label_smoothing must be in [0, 1), got {label_smoothing}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"trainer.lr_schedule must be 'constant' or 'cosine', got '{lr_schedule}'")
         self.model = model
@@ -52,6 +55,7 @@ class RetrievalModule(pl.LightningModule):
         self.train_positions = train_positions
         self.ks = tuple(ks)
         self.item_categories = item_categories
+        self.label_smoothing = label_smoothing
         self.val_history: list[dict[str, float]] = []  # one dict of val/* metrics per validation epoch
         self._val: RankingAccumulator | None = None
         self._catalog: torch.Tensor | None = None
@@ -68,7 +72,8 @@ class RetrievalModule(pl.LightningModule):
             keep = targets >= 0
             users, positives = states[keep], targets[keep]
         if self.sampled_loss is None:
-            return full_softmax_loss(self.model.score(users, self.model.catalog_vectors_train()), positives)
+            logits = self.model.score(users, self.model.catalog_vectors_train())
+            return full_softmax_loss(logits, positives, self.model.item_tower.cold, self.label_smoothing)
         cand, labels, log_q = self.sampled_loss.candidates(positives)
         logits = self.model.score(users, self.model.item_vectors(cand))
         return self.sampled_loss(logits, labels, log_q)

@@ -17,7 +17,16 @@ class SampledSoftmaxLoss(nn.Module):
     which removes the popularity bias of in-batch negatives.
     """
 
-    def __init__(self, item_counts: torch.Tensor, num_negatives: int = 256, sampler: str = "uniform", logq_correction: bool = True, popularity_alpha: float = 1.0):
+    def __init__(
+        self,
+        item_counts: torch.Tensor,
+        num_negatives: int = 256,
+        sampler: str = "uniform",
+        logq_correction: bool = True,
+        popularity_alpha: float = 1.0,
+        allowed: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+    ):
         super().__init__()
         if sampler not in ("uniform", "popularity"):
             raise ValueError(f"model.loss.sampler must be 'uniform' or 'popularity', got '{sampler}'")
@@ -28,12 +37,15 @@ class SampledSoftmaxLoss(nn.Module):
         if sampler == "uniform":
             proposal = torch.full_like(counts, 1.0 / counts.numel())
         else:
-            w = (counts + 1.0) ** popularity_alpha
-            proposal = w / w.sum()
+            proposal = (counts + 1.0) ** popularity_alpha
+        if allowed is not None:  # items held out of training (cold start) are never sampled
+            proposal = proposal * torch.as_tensor(allowed, dtype=torch.float64)
+        proposal = proposal / proposal.sum()
         self.register_buffer("data_p", data_p.float(), persistent=False)
         self.register_buffer("proposal", proposal.float(), persistent=False)
         self.num_negatives = num_negatives
         self.logq_correction = logq_correction
+        self.label_smoothing = label_smoothing
 
     def candidates(self, positives: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(unique candidate items [C], label of each positive in them [M], log Q of each candidate [C])."""
@@ -47,9 +59,17 @@ class SampledSoftmaxLoss(nn.Module):
         """Mean cross-entropy of [M, C] logits (already divided by the temperature)."""
         if self.logq_correction:
             logits = logits - log_q.unsqueeze(0)
-        return F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
 
-def full_softmax_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the whole catalog: [M, N] logits, [M] target items."""
-    return F.cross_entropy(logits, targets)
+def full_softmax_loss(logits: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over the whole catalog: [M, N] logits, [M] target items; ``excluded``
+    items (held out of training) are not part of the softmax."""
+    if excluded is not None and excluded.any():
+        logits = logits.masked_fill(excluded, float("-inf"))
+        if label_smoothing:  # smoothing mass only over the items in the softmax
+            logp = F.log_softmax(logits, dim=-1)
+            nll = -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+            uniform = -logp.masked_fill(excluded, 0.0).sum(-1) / (~excluded).sum()
+            return ((1 - label_smoothing) * nll + label_smoothing * uniform).mean()
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)

@@ -12,7 +12,7 @@ from lightning_modules.user_tower import UserTower
 class TwoTowerModel(nn.Module):
     """A user tower reading item vectors from an item tower; both map into one space."""
 
-    def __init__(self, item_tower: ItemTower, user_tower: UserTower, temperature: float = 1.0, normalize: bool = False):
+    def __init__(self, item_tower: ItemTower, user_tower: UserTower, temperature: float = 1.0, normalize: bool = False, dropout_targets: bool = False):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
@@ -20,6 +20,7 @@ class TwoTowerModel(nn.Module):
         self.user_tower = user_tower
         self.temperature = temperature
         self.normalize = normalize
+        self.dropout_targets = dropout_targets  # apply the item tower's dropout to scored items too
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.normalize else x
@@ -33,7 +34,7 @@ class TwoTowerModel(nn.Module):
         return self._out(self.user_tower.last(self.item_tower(items), mask))
 
     def item_vectors(self, item_idx: torch.Tensor) -> torch.Tensor:
-        return self._out(self.item_tower(item_idx))
+        return self._out(self.item_tower(item_idx, dropout=self.dropout_targets))
 
     def catalog_vectors(self) -> torch.Tensor:
         """Every item's vector without gradients (evaluation)."""

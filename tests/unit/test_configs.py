@@ -5,6 +5,7 @@ import inspect
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -29,6 +30,7 @@ class FakeCatalog:
     item_texts = ["Toy Story (1995). Genres: Animation.", "Heat (1995). Genres: Action.", "a", "b", "c"]
     item_categories = [["Animation"], ["Action"], [], [], []]
     item_train_counts = [3.0, 1.0, 0.0, 2.0, 1.0]
+    cold_mask = np.zeros(5, dtype=bool)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

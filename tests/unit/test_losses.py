@@ -50,3 +50,19 @@ def test_full_softmax_is_cross_entropy_over_the_catalog():
     logits = torch.tensor([[2.0, 0.0, -1.0]])
     expected = -(2.0 - math.log(math.exp(2) + 1 + math.exp(-1)))
     assert abs(full_softmax_loss(logits, torch.tensor([0])).item() - expected) < 1e-6
+
+
+def test_items_held_out_of_training_are_never_candidates_nor_in_the_softmax():
+    counts = torch.tensor([5.0, 1, 0, 3])
+    allowed = torch.tensor([True, True, False, True])
+    for sampler in ("uniform", "popularity"):
+        loss = SampledSoftmaxLoss(counts, num_negatives=200, sampler=sampler, allowed=allowed)
+        cand, _, _ = loss.candidates(torch.tensor([0, 3]), generator=torch.Generator().manual_seed(0))
+        assert 2 not in cand.tolist() and loss.proposal[2] == 0
+    logits = torch.tensor([[2.0, 0.0, 9.0, -1.0]])
+    excluded = ~allowed
+    reduced = torch.tensor([[2.0, 0.0, -1.0]])
+    assert torch.isclose(full_softmax_loss(logits, torch.tensor([0]), excluded), full_softmax_loss(reduced, torch.tensor([0])))
+    smoothed = full_softmax_loss(logits, torch.tensor([0]), excluded, label_smoothing=0.2)
+    assert torch.isclose(smoothed, torch.nn.functional.cross_entropy(reduced, torch.tensor([0]), label_smoothing=0.2))
+    assert smoothed > full_softmax_loss(logits, torch.tensor([0]), excluded)

@@ -94,3 +94,28 @@ def test_eval_batches_hold_history_target_and_seen(tmp_path):
     assert dm.item_train_counts.tolist() == [1, 2, 0, 1, 0]
     train = next(iter(dm.train_dataloader()))
     assert sorted(train["targets"][train["targets"] >= 0].tolist()) == [1, 3]
+
+
+def test_cold_start_items_never_reach_training_but_stay_seen(tmp_path):
+    prepare(raw(ROWS), tmp_path)
+    # item_idx: a0 b1 c2 d3 e4; u1 = a b | c | d ; u2 = b d | a | e. Test items: d3, e4.
+    def module(seed: int) -> SequenceDataModule:
+        dm = SequenceDataModule(tmp_path, max_seq_len=4, cold_items=1, cold_seed=seed)
+        dm.setup()
+        return dm
+
+    by_seed = {seed: int(np.flatnonzero(module(seed).cold_mask)[0]) for seed in range(20)}
+    assert set(by_seed.values()) == {3, 4}  # drawn among the test items only
+    assert all(int(np.flatnonzero(module(seed).cold_mask)[0]) == item for seed, item in by_seed.items())  # seeded
+    dm = module(next(seed for seed, item in by_seed.items() if item == 3))
+    assert [s.tolist() for s in dm.train_sequences] == [[0, 1], [1]]  # d (3) dropped from u2's training
+    assert dm.item_train_counts[3] == 0
+    test = next(iter(dm.test_dataloader()))
+    assert test["items"].tolist() == [[0, 1, 2], [1, 0, 0]]  # the model's input has no cold item
+    assert test["seen"].tolist() == [[0, 1, 2], [1, 3, 0]]  # but d is still removed from u2's ranking
+    cold = next(iter(dm.eval_dataloader("test", "cold")))
+    warm = next(iter(dm.eval_dataloader("test", "warm")))
+    assert cold["targets"].tolist() == [3] and cold["users"].tolist() == [0]
+    assert warm["targets"].tolist() == [4] and warm["users"].tolist() == [1]
+    with pytest.raises(ValueError, match="only 2 distinct test items"):
+        SequenceDataModule(tmp_path, cold_items=3).setup()

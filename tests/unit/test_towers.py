@@ -88,3 +88,46 @@ def test_scores_are_dot_products_over_temperature():
     model.temperature = 0.5
     u, v = torch.randn(3, D), torch.randn(4, D)
     assert torch.allclose(model.score(u, v), (u @ v.T) / 0.5)
+
+
+def test_cold_items_are_represented_by_their_text_alone():
+    tower = tiny_text_tower().eval()
+    cold = torch.zeros(N, dtype=torch.bool)
+    cold[[1, 4]] = True
+    before = tower.all_vectors()
+    tower.set_cold_items(cold)
+    after = tower.all_vectors()
+    with torch.no_grad():
+        text_only = tower.text_proj(tower.encode_text(torch.tensor([1, 4])))
+    assert torch.allclose(after[[1, 4]], text_only, atol=1e-5)
+    assert torch.equal(after[~cold], before[~cold])
+    ids_only = ItemTower(N, D, encoder=None).eval()
+    ids_only.set_cold_items(cold)
+    assert ids_only.all_vectors()[cold].abs().sum() == 0  # no text: nothing to rank a cold item by
+    with pytest.raises(ValueError, match="shape"):
+        tower.set_cold_items(torch.zeros(N + 1, dtype=torch.bool))
+
+
+def test_dropout_applies_to_inputs_not_to_scored_items_by_default():
+    torch.manual_seed(0)
+    tower = ItemTower(N, D, encoder=None, dropout=0.5).train()
+    user = UserTower(build_gpt2(n_layer=1, n_head=2, n_embd=8, max_positions=16, dropout=0.0), D)
+    model = TwoTowerModel(tower, user).train()
+    clean = tower.id_embedding.weight
+    assert torch.equal(model.item_vectors(torch.arange(N)), clean)
+    assert not torch.equal(tower(torch.arange(N)), clean)  # the user tower's inputs get dropout
+    noisy = TwoTowerModel(tower, user, dropout_targets=True).train()
+    assert not torch.equal(noisy.item_vectors(torch.arange(N)), clean)
+
+
+def test_partially_unfrozen_encoder_reuses_the_frozen_layers_output():
+    cached = tiny_text_tower(freeze_encoder=True, unfreeze_top_layers=1).eval()
+    plain = tiny_text_tower(freeze_encoder=True, unfreeze_top_layers=1, cache_frozen_layers_max_bytes=0).eval()
+    idx = torch.tensor([0, 3, 7, 10])
+    got = cached.encode_text(idx)
+    assert cached._bottom_cache is not None and plain._frozen_bottom_states() is None
+    assert torch.allclose(got, plain.encode_text(idx), atol=1e-5)  # same as running every layer
+    got.sum().backward()  # gradients reach the trainable top layer only
+    top, bottom = cached.encoder.encoder.layer[1], cached.encoder.encoder.layer[0]
+    assert top.output.dense.weight.grad is not None and top.output.dense.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in bottom.parameters())

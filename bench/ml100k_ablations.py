@@ -1,0 +1,124 @@
+"""Runs named MovieLens-100K recipes (rows of bench/ml100k_ablations.yaml) over seeds through
+``python -m jobs.pipeline`` and tabulates the test metrics, mean and spread over seeds.
+
+Every run is an ordinary pipeline run in its own outputs folder, so each row's figures can be
+reproduced from its command alone. Runs already finished (a metrics.json in their folder) are
+read, not rerun; ``--jobs 2`` runs two at a time (each with half of the cores).
+
+  python bench/ml100k_ablations.py --rows ours id_only --seeds 0 1 2
+  python bench/ml100k_ablations.py --rows all --seeds 0 --table docs/ablations_table.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+METRICS = ("ndcg@10", "recall@10", "mrr@10", "coverage@10", "diversity@10")
+# every run: Ray-free single process (the same training loop), no batch inference, no dashboards
+COMMON = ["launcher=local", "strategy=auto", "pipeline.batch_infer=false", "logger=none", "trainer.enable_progress_bar=false"]
+
+
+def load_rows(path: Path) -> dict[str, dict]:
+    rows = yaml.safe_load(path.read_text())
+    for name, row in rows.items():
+        if not isinstance(row, dict) or "overrides" not in row:
+            raise ValueError(f"{path}: row '{name}' needs 'overrides' (a list of Hydra overrides)")
+    return rows
+
+
+def command(row: dict, seed: int, out: Path, threads: int) -> list[str]:
+    return [
+        sys.executable, "-m", "jobs.pipeline", "experiment=ml100k", *row["overrides"], f"seed={seed}",
+        *COMMON, f"hardware.torch_threads={threads}", f"paths.outputs_root={out}",
+    ]
+
+
+def run_one(name: str, row: dict, seed: int, out_root: Path, threads: int) -> dict[str, float]:
+    out = out_root / name / f"seed{seed}"
+    done = sorted(out.glob("pipeline/*/*/metrics.json"))
+    if done:
+        return json.loads(done[-1].read_text())
+    cmd = command(row, seed, out, threads)
+    out.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    with open(out / "run.log", "w") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc:
+        raise RuntimeError(f"{name} seed {seed}: pipeline failed (exit {rc}); see {out / 'run.log'}")
+    metrics = json.loads(sorted(out.glob("pipeline/*/*/metrics.json"))[-1].read_text())
+    metrics["wall_seconds"] = time.perf_counter() - start
+    (sorted(out.glob("pipeline/*/*/metrics.json"))[-1]).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    print(f"{name} seed {seed}: test ndcg@10 {metrics['evaluate/test/ndcg@10']:.4f} ({metrics['wall_seconds']:.0f} s)", flush=True)
+    return metrics
+
+
+def cell(values: list[float], digits: int = 4) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def train_seconds(m: dict[str, float]) -> float:
+    return m.get("pretrain/train/seconds", 0.0) + m.get("finetune/train/seconds", 0.0)
+
+
+def table(results: dict[str, list[dict[str, float]]], rows: dict[str, dict], prefix: str = "evaluate/test/") -> str:
+    head = "| row | seeds | " + " | ".join(f"test {m}" for m in METRICS) + " | valid ndcg@10 | train s | overrides of `experiment=ml100k` |"
+    lines = [head, "|---" * (len(METRICS) + 5) + "|"]
+    for name, runs in results.items():
+        cols = [cell([r[prefix + m] for r in runs]) for m in METRICS]
+        valid = cell([r["evaluate/valid/ndcg@10"] for r in runs])
+        secs = cell([train_seconds(r) for r in runs], 0)
+        over = " ".join(rows[name]["overrides"]) or "(none)"
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cols) + f" | {valid} | {secs} | `{over}` |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="+", default=["all"], help="row names of the YAML file, or 'all'")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--file", type=Path, default=ROOT / "bench" / "ml100k_ablations.yaml")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "ablations")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--table", type=Path, help="also write the markdown table here")
+    p.add_argument("--print-commands", action="store_true", help="print each run's command and exit")
+    args = p.parse_args()
+    rows = load_rows(args.file)
+    names = list(rows) if args.rows == ["all"] else args.rows
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        raise SystemExit(f"{args.file}: no row named {unknown}; rows: {list(rows)}")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    out = args.out.resolve()
+    if args.print_commands:
+        for n in names:
+            for s in args.seeds:
+                print(shlex.join(command(rows[n], s, out / n / f"seed{s}", threads)[1:]).replace("-m jobs.pipeline", "python -m jobs.pipeline", 1))
+        return
+    jobs = [(n, s) for n in names for s in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        done = list(pool.map(lambda job: run_one(job[0], rows[job[0]], job[1], out, threads), jobs))
+    results: dict[str, list[dict[str, float]]] = {}
+    for (n, _), m in zip(jobs, done):
+        results.setdefault(n, []).append(m)
+    text = table(results, rows)
+    print(text)
+    if args.table:
+        args.table.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
