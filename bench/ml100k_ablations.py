@@ -25,8 +25,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("ndcg@10", "recall@10", "mrr@10", "coverage@10", "diversity@10")
-# every run: Ray-free single process (the same training loop), no batch inference, no dashboards
-COMMON = ["launcher=local", "strategy=auto", "pipeline.batch_infer=false", "logger=none", "trainer.enable_progress_bar=false"]
+# every run: no batch inference, no dashboards; --launcher local also drops Ray (the same
+# training loop in one process, for quick ablations)
+COMMON = ["pipeline.batch_infer=false", "logger=none", "trainer.enable_progress_bar=false"]
+LOCAL = ["launcher=local", "strategy=auto"]
 
 
 def load_rows(path: Path) -> dict[str, dict]:
@@ -37,19 +39,18 @@ def load_rows(path: Path) -> dict[str, dict]:
     return rows
 
 
-def command(row: dict, seed: int, out: Path, threads: int) -> list[str]:
-    return [
-        sys.executable, "-m", "jobs.pipeline", "experiment=ml100k", *row["overrides"], f"seed={seed}",
-        *COMMON, f"hardware.torch_threads={threads}", f"paths.outputs_root={out}",
-    ]
+def command(row: dict, seed: int, out: Path, threads: int, launcher: str = "local") -> list[str]:
+    extra = LOCAL if launcher == "local" else [f"hardware.cpus_per_worker={threads}"]
+    extra = extra + [f"hardware.torch_threads={threads}"]
+    return [sys.executable, "-m", "jobs.pipeline", "experiment=ml100k", *row["overrides"], f"seed={seed}", *COMMON, *extra, f"paths.outputs_root={out}"]
 
 
-def run_one(name: str, row: dict, seed: int, out_root: Path, threads: int) -> dict[str, float]:
+def run_one(name: str, row: dict, seed: int, out_root: Path, threads: int, launcher: str) -> dict[str, float]:
     out = out_root / name / f"seed{seed}"
     done = sorted(out.glob("pipeline/*/*/metrics.json"))
     if done:
         return json.loads(done[-1].read_text())
-    cmd = command(row, seed, out, threads)
+    cmd = command(row, seed, out, threads, launcher)
     out.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
@@ -93,6 +94,7 @@ def main() -> None:
     p.add_argument("--file", type=Path, default=ROOT / "bench" / "ml100k_ablations.yaml")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "ablations")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--launcher", choices=["local", "ray"], default="local", help="ray: the README's way (embedded Ray); local: one process")
     p.add_argument("--table", type=Path, help="also write the markdown table here")
     p.add_argument("--print-commands", action="store_true", help="print each run's command and exit")
     args = p.parse_args()
@@ -106,11 +108,11 @@ def main() -> None:
     if args.print_commands:
         for n in names:
             for s in args.seeds:
-                print(shlex.join(command(rows[n], s, out / n / f"seed{s}", threads)[1:]).replace("-m jobs.pipeline", "python -m jobs.pipeline", 1))
+                print(shlex.join(command(rows[n], s, out / n / f"seed{s}", threads, args.launcher)[1:]).replace("-m jobs.pipeline", "python -m jobs.pipeline", 1))
         return
     jobs = [(n, s) for n in names for s in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
-        done = list(pool.map(lambda job: run_one(job[0], rows[job[0]], job[1], out, threads), jobs))
+        done = list(pool.map(lambda job: run_one(job[0], rows[job[0]], job[1], out, threads, args.launcher), jobs))
     results: dict[str, list[dict[str, float]]] = {}
     for (n, _), m in zip(jobs, done):
         results.setdefault(n, []).append(m)

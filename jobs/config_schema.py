@@ -138,6 +138,9 @@ class TrainerConfig:
     lr_schedule: Schedule = Schedule.constant
     gradient_clip_val: float = 1.0
     label_smoothing: float = 0.0
+    # exponential moving average of the weights (per optimizer step); validation, model selection
+    # and the saved model use the average. null = off
+    ema_decay: Optional[float] = None
     precision: str = "32-true"
     early_stopping_patience: int = 5
     monitor: str = "val/ndcg@10"
@@ -385,6 +388,10 @@ def validate(cfg: DictConfig) -> None:
         fail("data.cold_start.num_items", "must be >= 0")
     if not 0.0 <= t.label_smoothing < 1.0:
         fail("trainer.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+        fail("trainer.ema_decay", f"must be in (0, 1) or null, got {t.ema_decay}")
+    if t.ema_decay is not None and _value(cfg.strategy.name) == "deepspeed":
+        fail("trainer.ema_decay", "weight averaging is not supported with DeepSpeed (its checkpoints hold the sharded live weights); use ddp")
     if d.batch_size < 1 or d.eval_batch_size < 1:
         fail("data.batch_size", "batch sizes must be >= 1")
     if not t.metrics_ks or min(t.metrics_ks) < 1:

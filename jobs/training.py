@@ -159,6 +159,11 @@ class EpochHistory(Callback):
 def stage_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
     """The callbacks every fit gets: the epoch history, plus the debug ones configured."""
     callbacks: list[Callback] = [EpochHistory(run_dir / "metrics_history.jsonl")]
+    if cfg.trainer.ema_decay is not None:
+        from pytorch_lightning.callbacks import EMAWeightAveraging
+
+        # swaps the average in for validation and puts it in every checkpoint's state_dict
+        callbacks.append(EMAWeightAveraging(decay=cfg.trainer.ema_decay, use_buffers=False))
     if cfg.debug.fail_at_step is not None:
         callbacks.append(FailAtStep(cfg.debug.fail_at_step, cfg.debug.fail_rank, run_dir / "debug" / "fault_injected"))
     if cfg.debug.record_losses:

@@ -108,8 +108,16 @@ class ItemTower(nn.Module):
         return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
     def encode_text(self, item_idx: torch.Tensor) -> torch.Tensor:
-        """Pooled encoder output for the given (unique) items: [n, hidden]."""
+        """Pooled encoder output for the given (unique) items: [n, hidden]. Many items are
+        encoded in chunks of similar text length, each cut to its longest text."""
         assert self.encoder is not None
+        if item_idx.numel() > self.chunk_size:
+            order = torch.argsort(self.attention_mask[item_idx].sum(dim=1), stable=True)
+            pooled = torch.cat([self._encode_chunk(item_idx[c]) for c in order.split(self.chunk_size)])
+            return pooled[torch.argsort(order)]
+        return self._encode_chunk(item_idx)
+
+    def _encode_chunk(self, item_idx: torch.Tensor) -> torch.Tensor:
         ids = self.token_ids[item_idx]
         mask = self.attention_mask[item_idx]
         width = int(mask.sum(dim=1).max().item()) if mask.numel() else 1

@@ -93,3 +93,33 @@ def test_bad_override_fails_fast_with_the_key(tmp_path):
     assert proc.returncode != 0
     assert "max_epoch" in proc.stderr and "TrainerConfig" in proc.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_cold_start_items_are_ranked_from_text_alone(tiny_cfg):
+    cfg = tiny_cfg("pipeline", "pretrain.enabled=false", "finetune.max_epochs=4", "data.batch_size=16", "data.cold_start.num_items=8", "pipeline.batch_infer=false")
+    metrics = pipeline.run(cfg)
+    ev = {k.removeprefix("evaluate/"): v for k, v in metrics.items() if k.startswith("evaluate/")}
+    assert ev["cold_items"] == 8
+    assert ev["test_cold/num_users"] >= 8 and ev["test_cold/num_users"] + ev["test_warm/num_users"] == ev["test/num_users"] == 120
+    # never trained on, a cold item has no popularity; the text tower still ranks it
+    assert ev["popularity/test_cold/ndcg@10"] == 0.0
+    assert ev["test_cold/ndcg@10"] > 0.05
+    # the split into cold and warm users is a partition of the test users
+    whole = ev["test_cold/ndcg@10"] * ev["test_cold/num_users"] + ev["test_warm/ndcg@10"] * ev["test_warm/num_users"]
+    assert abs(whole / 120 - ev["test/ndcg@10"]) < 1e-6
+
+
+def test_weight_averaging_is_what_validation_sees_and_what_is_saved(tiny_cfg):
+    from jobs.run_folder import create_run_folder
+    from jobs.training import load_model_checkpoint, local_fit
+
+    cfg = tiny_cfg("finetune", "finetune.max_epochs=2", "data.batch_size=16", "trainer.ema_decay=0.9", "init_from=null")
+    run_dir = create_run_folder(cfg)
+    local_fit(cfg, "finetune", run_dir)
+    best = torch.load(next((run_dir / "checkpoints").glob("best-*.ckpt")), weights_only=False)
+    live = {k.removeprefix("model."): v for k, v in best["current_model_state"].items() if k.startswith("model.")}
+    averaged = {k.removeprefix("model."): v for k, v in best["state_dict"].items() if k.startswith("model.")}
+    saved = load_model_checkpoint(run_dir / "checkpoints" / "model.ckpt")["state_dict"]
+    name = "item_tower.id_embedding.weight"
+    assert not torch.equal(live[name], averaged[name])  # the average lags the live weights
+    assert all(torch.equal(saved[k], averaged[k]) for k in averaged)  # and it is the model kept

@@ -96,10 +96,14 @@ def test_unknown_key_in_an_experiment_file_fails(tmp_path):
         ("data.max_seq_len=0", "data.max_seq_len"),
         ("trainer.monitor=val/auc", "trainer.monitor"),
         ("model.temperature=0", "model.temperature"),
+        ("trainer.ema_decay=1.5", "trainer.ema_decay"),
+        ("trainer.ema_decay=0.99 strategy=deepspeed_stage_2", "trainer.ema_decay"),
+        ("trainer.label_smoothing=1.0", "trainer.label_smoothing"),
+        ("data.cold_start.num_items=-1", "data.cold_start.num_items"),
     ],
 )
 def test_cross_field_checks_name_the_key(override, key, tmp_path):
-    cfg = compose_config("pretrain", [override], tmp_path)
+    cfg = compose_config("pretrain", override.split(), tmp_path)
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         validate(cfg)
 

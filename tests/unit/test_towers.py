@@ -131,3 +131,11 @@ def test_partially_unfrozen_encoder_reuses_the_frozen_layers_output():
     top, bottom = cached.encoder.encoder.layer[1], cached.encoder.encoder.layer[0]
     assert top.output.dense.weight.grad is not None and top.output.dense.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in bottom.parameters())
+
+
+def test_encoding_in_length_sorted_chunks_keeps_each_items_vector():
+    tower = tiny_text_tower().eval()
+    idx = torch.tensor([5, 0, 11, 3, 8, 1, 6])
+    whole = torch.cat([tower.encode_text(i.view(1)) for i in idx])
+    tower.chunk_size = 2
+    assert torch.allclose(tower.encode_text(idx), whole, atol=1e-5)
