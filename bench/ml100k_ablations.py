@@ -87,6 +87,18 @@ def table(results: dict[str, list[dict[str, float]]], rows: dict[str, dict], pre
     return "\n".join(lines)
 
 
+def cold_table(results: dict[str, list[dict[str, float]]]) -> str:
+    """Rows that held items out of training: test users whose item is cold vs warm."""
+    lines = ["| row | seeds | users cold / warm | cold ndcg@10 | cold recall@10 | warm ndcg@10 | warm recall@10 | popularity cold ndcg@10 | popularity warm ndcg@10 |", "|---" * 9 + "|"]
+    for name, runs in results.items():
+        if "evaluate/test_cold/ndcg@10" not in runs[0]:
+            continue
+        users = f"{runs[0]['evaluate/test_cold/num_users']:.0f} / {runs[0]['evaluate/test_warm/num_users']:.0f}"
+        cols = [cell([r[f"evaluate/{p}test_{kind}/{m}"] for r in runs]) for p, kind, m in (("", "cold", "ndcg@10"), ("", "cold", "recall@10"), ("", "warm", "ndcg@10"), ("", "warm", "recall@10"), ("popularity/", "cold", "ndcg@10"), ("popularity/", "warm", "ndcg@10"))]
+        lines.append(f"| {name} | {len(runs)} | {users} | " + " | ".join(cols) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", default=["all"], help="row names of the YAML file, or 'all'")
@@ -95,6 +107,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "ablations")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--launcher", choices=["local", "ray"], default="local", help="ray: the README's way (embedded Ray); local: one process")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     p.add_argument("--table", type=Path, help="also write the markdown table here")
     p.add_argument("--print-commands", action="store_true", help="print each run's command and exit")
     args = p.parse_args()
@@ -103,7 +116,7 @@ def main() -> None:
     unknown = [n for n in names if n not in rows]
     if unknown:
         raise SystemExit(f"{args.file}: no row named {unknown}; rows: {list(rows)}")
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     out = args.out.resolve()
     if args.print_commands:
         for n in names:
@@ -117,6 +130,9 @@ def main() -> None:
     for (n, _), m in zip(jobs, done):
         results.setdefault(n, []).append(m)
     text = table(results, rows)
+    cold = cold_table(results)
+    if cold:
+        text += "\n\n" + cold
     print(text)
     if args.table:
         args.table.write_text(text + "\n")
