@@ -45,22 +45,46 @@ def command(row: dict, seed: int, out: Path, threads: int, launcher: str = "loca
     return [sys.executable, "-m", "jobs.pipeline", "experiment=ml100k", *row["overrides"], f"seed={seed}", *COMMON, *extra, f"paths.outputs_root={out}"]
 
 
+def finetune_commands(row: dict, seed: int, out: Path, threads: int, pretrain_dir: Path) -> list[list[str]]:
+    """A fine-tuning-only row: jobs.finetune from another row's pretraining stage, then jobs.evaluate."""
+    common = [f"seed={seed}", "logger=none", "trainer.enable_progress_bar=false", *LOCAL, f"hardware.torch_threads={threads}", f"paths.outputs_root={out}"]
+    fin = [sys.executable, "-m", "jobs.finetune", "experiment=ml100k", *row["overrides"], f"init_from={pretrain_dir}", *common, f"paths.output_dir={out}/finetune"]
+    ev = [sys.executable, "-m", "jobs.evaluate", "experiment=ml100k", f"checkpoint={out}/finetune", *common, f"paths.output_dir={out}/evaluate"]
+    return [fin, ev]
+
+
 def run_one(name: str, row: dict, seed: int, out_root: Path, threads: int, launcher: str) -> dict[str, float]:
     out = out_root / name / f"seed{seed}"
-    done = sorted(out.glob("pipeline/*/*/metrics.json"))
-    if done:
-        return json.loads(done[-1].read_text())
-    cmd = command(row, seed, out, threads, launcher)
+    result = out / "metrics.json"
+    if result.is_file():
+        return json.loads(result.read_text())
+    earlier = sorted(out.glob("pipeline/*/*/metrics.json"))  # a finished run of an older version of this script
+    if earlier and "wall_seconds" in (m := json.loads(earlier[-1].read_text())):
+        result.write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+        return m
+    if "pretrain_of" in row:  # reuse the pretraining stage of another row's run (same seed)
+        found = sorted((out_root / row["pretrain_of"] / f"seed{seed}").glob("pipeline/*/*/pretrain"))
+        if not found:
+            raise RuntimeError(f"{name}: run row '{row['pretrain_of']}' seed {seed} first (its pretraining stage is the starting point)")
+        cmds = finetune_commands(row, seed, out, threads, found[-1])
+    else:
+        cmds = [command(row, seed, out, threads, launcher)]
     out.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     with open(out / "run.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc:
-        raise RuntimeError(f"{name} seed {seed}: pipeline failed (exit {rc}); see {out / 'run.log'}")
-    metrics = json.loads(sorted(out.glob("pipeline/*/*/metrics.json"))[-1].read_text())
+        for cmd in cmds:
+            log.write("$ " + shlex.join(cmd[1:]) + "\n")
+            log.flush()
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            if rc:
+                raise RuntimeError(f"{name} seed {seed}: {cmd[2]} failed (exit {rc}); see {out / 'run.log'}")
+    if "pretrain_of" in row:
+        metrics = {f"{job}/{k}": v for job in ("finetune", "evaluate") for k, v in json.loads((out / job / "metrics.json").read_text()).items()}
+    else:
+        metrics = json.loads(sorted(out.glob("pipeline/*/*/metrics.json"))[-1].read_text())
     metrics["wall_seconds"] = time.perf_counter() - start
-    (sorted(out.glob("pipeline/*/*/metrics.json"))[-1]).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    result.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     print(f"{name} seed {seed}: test ndcg@10 {metrics['evaluate/test/ndcg@10']:.4f} ({metrics['wall_seconds']:.0f} s)", flush=True)
     return metrics
 
@@ -83,6 +107,8 @@ def table(results: dict[str, list[dict[str, float]]], rows: dict[str, dict], pre
         valid = cell([r["evaluate/valid/ndcg@10"] for r in runs])
         secs = cell([train_seconds(r) for r in runs], 0)
         over = " ".join(rows[name]["overrides"]) or "(none)"
+        if "pretrain_of" in rows[name]:
+            over = f"jobs.finetune {over} init_from=<pretrain stage of row {rows[name]['pretrain_of']}>"
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cols) + f" | {valid} | {secs} | `{over}` |")
     return "\n".join(lines)
 
@@ -121,6 +147,11 @@ def main() -> None:
     if args.print_commands:
         for n in names:
             for s in args.seeds:
+                if "pretrain_of" in rows[n]:
+                    pre = out / rows[n]["pretrain_of"] / f"seed{s}" / "pipeline" / "<date>" / "<time>" / "pretrain"
+                    for c in finetune_commands(rows[n], s, out / n / f"seed{s}", threads, pre):
+                        print("python " + shlex.join(c[1:]))
+                    continue
                 print(shlex.join(command(rows[n], s, out / n / f"seed{s}", threads, args.launcher)[1:]).replace("-m jobs.pipeline", "python -m jobs.pipeline", 1))
         return
     jobs = [(n, s) for n in names for s in args.seeds]
