@@ -89,6 +89,7 @@ def build_model(cfg: DictConfig, dm: SequenceDataModule) -> TwoTowerModel:
         freeze_encoder=it.freeze_encoder,
         unfreeze_top_layers=it.unfreeze_top_layers,
         dropout=it.dropout,
+        id_dropout=it.id_dropout,
     )
     if dm.cold_mask.any():
         item_tower.set_cold_items(torch.as_tensor(dm.cold_mask))

@@ -86,6 +86,9 @@ class ItemTowerConfig:
     dropout: float = 0.1
     # dropout also on the vectors of the items being scored (not only on the user tower's inputs)
     dropout_targets: bool = False
+    # training: probability that an item's id embedding is dropped for a batch (text alone
+    # must then score it: prepares the tower for cold-start items)
+    id_dropout: float = 0.0
 
 
 @dataclass
@@ -366,6 +369,8 @@ def validate(cfg: DictConfig) -> None:
         fail("model.item_tower", "use_text and use_id_embedding cannot both be false")
     if it.use_text and it.pretrained is None and it.hidden_size % it.num_heads:
         fail("model.item_tower.num_heads", f"{it.num_heads} does not divide hidden_size={it.hidden_size}")
+    if not 0.0 <= it.id_dropout < 1.0:
+        fail("model.item_tower.id_dropout", f"must be in [0, 1), got {it.id_dropout}")
     if it.unfreeze_top_layers < 0:
         fail("model.item_tower.unfreeze_top_layers", "must be >= 0")
     for stage in ("pretrain", "finetune"):

@@ -38,10 +38,13 @@ class ItemTower(nn.Module):
         dropout: float = 0.1,
         chunk_size: int = 256,
         cache_frozen_layers_max_bytes: int = 2**31,
+        id_dropout: float = 0.0,
     ):
         super().__init__()
         if encoder is None and not use_id_embedding:
             raise ValueError("model.item_tower: with use_text=false the id embedding is the only input; set use_id_embedding=true")
+        if not 0.0 <= id_dropout < 1.0:
+            raise ValueError(f"model.item_tower.id_dropout must be in [0, 1), got {id_dropout}")
         if pooling not in ("mean", "cls"):
             raise ValueError(f"model.item_tower.pooling must be 'mean' or 'cls', got '{pooling}'")
         self.num_items = num_items
@@ -53,6 +56,9 @@ class ItemTower(nn.Module):
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=dim**-0.5)
         self.dropout = nn.Dropout(dropout)
+        # training only: each item of a batch loses its id embedding with this probability, so
+        # the text path alone must score it (what a cold-start item has)
+        self.id_dropout = id_dropout
         self.text_proj: nn.Module | None = None
         if encoder is not None:
             if token_ids is None or attention_mask is None or token_ids.shape[0] != num_items:
@@ -179,6 +185,9 @@ class ItemTower(nn.Module):
             ids = self.id_embedding(unique)
             if self.cold.any():
                 ids = ids * (~self.cold[unique]).unsqueeze(-1).to(ids.dtype)
+            if self.training and self.id_dropout and self.encoder is not None:
+                keep = torch.rand(unique.shape[0], device=ids.device) >= self.id_dropout
+                ids = ids * keep.unsqueeze(-1).to(ids.dtype)
             out = ids if out is None else out + ids
         if dropout:
             out = self.dropout(out)

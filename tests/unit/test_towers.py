@@ -139,3 +139,16 @@ def test_encoding_in_length_sorted_chunks_keeps_each_items_vector():
     whole = torch.cat([tower.encode_text(i.view(1)) for i in idx])
     tower.chunk_size = 2
     assert torch.allclose(tower.encode_text(idx), whole, atol=1e-5)
+
+
+def test_id_dropout_leaves_some_items_to_their_text_in_training_only():
+    tower = tiny_text_tower(id_dropout=0.5).train()
+    torch.manual_seed(1)
+    got = tower(torch.arange(N))
+    with torch.no_grad():
+        text = tower.text_proj(tower.encode_text(torch.arange(N)))
+    text_only = torch.isclose(got, text, atol=1e-5).all(dim=1)
+    assert 0 < int(text_only.sum()) < N  # some items lost their id embedding, not all
+    assert torch.allclose(tower.eval()(torch.arange(N)), text + tower.id_embedding.weight, atol=1e-5)
+    with pytest.raises(ValueError, match="id_dropout"):
+        tiny_text_tower(id_dropout=1.0)
