@@ -183,7 +183,8 @@ class SequenceDataModule(pl.LightningDataModule):
         """Evaluation examples of ``split``; ``targets_kind`` 'cold' or 'warm' keeps the users
         whose held-out item is (is not) a cold-start item."""
         targets = self.valid_targets if split == "valid" else self.test_targets
-        users, hist, seen = self.user_index, self.history(split), self.history(split, seen=True)
+        users, hist = self.user_index, self.history(split)
+        seen = self.history(split, seen=True) if self.cold_mask.any() else hist
         if targets_kind != "all":
             if targets_kind not in ("cold", "warm"):
                 raise ValueError(f"targets_kind must be 'all', 'cold' or 'warm', got '{targets_kind}'")

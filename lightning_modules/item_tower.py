@@ -69,6 +69,7 @@ class ItemTower(nn.Module):
             self._apply_freezing(freeze_encoder, unfreeze_top_layers)
         # cold-start items: never trained, so their id embedding is left out (text alone)
         self.register_buffer("cold", torch.zeros(num_items, dtype=torch.bool), persistent=False)
+        self.has_cold = False  # a plain flag: no device sync on the hot path
         self._text_cache: torch.Tensor | None = None
         # with only the top layers trainable, the frozen lower layers' output is computed once
         # (in eval mode) when it fits in this many bytes; the trainable layers run every step
@@ -85,6 +86,7 @@ class ItemTower(nn.Module):
         if mask.shape != (self.num_items,):
             raise ValueError(f"cold-item mask must have shape ({self.num_items},), got {tuple(mask.shape)}")
         self.cold = mask.to(self.cold.device)
+        self.has_cold = bool(mask.any())
 
     def _apply_freezing(self, freeze: bool, unfreeze_top_layers: int) -> None:
         assert self.encoder is not None
@@ -183,7 +185,7 @@ class ItemTower(nn.Module):
             out = self.text_proj(text)
         if self.id_embedding is not None:
             ids = self.id_embedding(unique)
-            if self.cold.any():
+            if self.has_cold:
                 ids = ids * (~self.cold[unique]).unsqueeze(-1).to(ids.dtype)
             if self.training and self.id_dropout and self.encoder is not None:
                 keep = torch.rand(unique.shape[0], device=ids.device) >= self.id_dropout

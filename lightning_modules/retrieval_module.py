@@ -73,7 +73,8 @@ class RetrievalModule(pl.LightningModule):
             users, positives = states[keep], targets[keep]
         if self.sampled_loss is None:
             logits = self.model.score(users, self.model.catalog_vectors_train())
-            return full_softmax_loss(logits, positives, self.model.item_tower.cold, self.label_smoothing)
+            tower = self.model.item_tower
+            return full_softmax_loss(logits, positives, tower.cold if tower.has_cold else None, self.label_smoothing)
         cand, labels, log_q = self.sampled_loss.candidates(positives)
         logits = self.model.score(users, self.model.item_vectors(cand))
         return self.sampled_loss(logits, labels, log_q)
