@@ -328,6 +328,7 @@ def read_amazon_reviews(
             "item_id": pd.Series([p.item_id for p in products], dtype=str),
             "text": pd.Series([product_text(p.title, p.categories, p.brand, p.description) for p in products],
                               dtype=str),
+            "title": pd.Series([p.title or p.description[:80] for p in products], dtype=str),
             "categories": pd.Series([list(p.categories) for p in products], dtype=object),
         }
     )

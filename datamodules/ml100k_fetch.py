@@ -44,9 +44,9 @@ class Source:
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCE_KINDS:
-            raise ValueError(f"data.fetch.sources: unknown kind '{self.kind}' (expected one of {SOURCE_KINDS})")
+            raise ValueError(f"data.reader.sources: unknown kind '{self.kind}' (expected one of {SOURCE_KINDS})")
         if not self.sha256 and not self.md5:
-            raise ValueError(f"data.fetch.sources: source {self.url} needs a sha256 or md5 checksum")
+            raise ValueError(f"data.reader.sources: source {self.url} needs a sha256 or md5 checksum")
 
 
 class FetchError(RuntimeError):

@@ -255,6 +255,7 @@ def _items_frame(movies: list[_Movie]) -> pd.DataFrame:
         {
             "item_id": pd.Series([m.item_id for m in movies], dtype=str),
             "text": pd.Series([movie_text(m.title, m.year, m.genres) for m in movies], dtype=str),
+            "title": pd.Series([f"{m.title} ({m.year})" if m.year else m.title for m in movies], dtype=str),
             "categories": pd.Series([list(m.genres) for m in movies], dtype=object),
         }
     )

@@ -95,6 +95,8 @@ def prepare(raw: RawDataset, out_dir: str | Path, min_user_interactions: int = 3
             "item_idx": np.arange(len(items), dtype=np.int64),
             "item_id": items["item_id"].astype(str),
             "text": items["text"].astype(str),
+            # a short display name (explanations, the service); readers without one: the text
+            "title": (items["title"] if "title" in items.columns else items["text"]).astype(str),
             "categories": [list(c) if c is not None else [] for c in items["categories"]],
         }
     )

@@ -66,7 +66,8 @@ class RawDataset:
     interactions: columns user_id (str), item_id (str), timestamp (int64), in the
         original file order (the order breaks timestamp ties in the split).
     items: columns item_id (str), text (str: what the item tower reads),
-        categories (list[str]: used for diversity metrics; may be empty lists).
+        categories (list[str]: used for diversity metrics; may be empty lists), and optionally
+        title (str: a short display name; the text stands in where a reader has none).
     skipped: rows a reader skipped because config allowed it, by reason.
     """
 

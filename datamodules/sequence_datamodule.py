@@ -14,8 +14,6 @@ class TrainSequences(Dataset):
     """Windows of each user's training sequence: inputs s[t-L..t-1] predict targets s[t-L+1..t]."""
 
     def __init__(self, sequences: list[np.ndarray], max_seq_len: int, windows: str = "all"):
-        if windows not in ("all", "last"):
-            raise ValueError(f"data.train_windows must be 'all' or 'last', got '{windows}'")
         self.samples: list[np.ndarray] = []
         for seq in sequences:
             end = len(seq)
@@ -103,11 +101,7 @@ class SequenceDataModule(pl.LightningDataModule):
         cold_items: int = 0,
         cold_seed: int = 0,
     ):
-        super().__init__()
-        if max_seq_len < 1:
-            raise ValueError(f"data.max_seq_len must be >= 1, got {max_seq_len}")
-        if cold_items < 0:
-            raise ValueError(f"data.cold_start.num_items must be >= 0, got {cold_items}")
+        super().__init__()  # argument values are checked by the config schema, before any data is read
         self.data_dir = Path(data_dir)
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
@@ -129,6 +123,7 @@ class SequenceDataModule(pl.LightningDataModule):
         self.item_ids = items["item_id"].to_numpy()
         self.user_ids = users["user_id"].to_numpy()
         self.item_texts = items["text"].tolist()
+        self.item_titles = items["title"].tolist() if "title" in items.columns else list(self.item_texts)
         self.item_categories = [list(c) for c in items["categories"]]
         split = split.sort_values(["user_idx", "position"], kind="mergesort")
         user_col = split["user_idx"].to_numpy()

@@ -12,11 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
-from datamodules.sequence_datamodule import SequenceDataModule
-from jobs.assembly import build_datamodule, build_model
-from jobs.training import load_model_checkpoint, restore_config
+from inference.bundle import load_bundle
 from lightning_modules.two_tower_model import TwoTowerModel
 
 
@@ -29,43 +26,13 @@ class UserHistories:
     seen: list[np.ndarray]  # every item of each user's history (train + valid + test)
 
 
-def checkpoint_config(ckpt_path: str | Path) -> DictConfig:
-    """The training config stored in a consolidated checkpoint, typed by the schema."""
-    return restore_config(load_model_checkpoint(Path(ckpt_path))["config"])
-
-
-def load_embedding_model(
-    ckpt_path: str | Path, device: str = "cpu", dm: SequenceDataModule | None = None, data_dir: str | None = None
-) -> TwoTowerModel:
-    """The checkpoint's model in eval mode on ``device``, rebuilt from its stored config.
-
-    ``dm``: an already built datamodule of the same data (else built from the stored config);
-    ``data_dir``: overrides the stored ``paths.data_dir`` (e.g. made absolute for Ray workers).
-    """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such model checkpoint")
-    payload = load_model_checkpoint(path)
-    cfg = restore_config(payload["config"])
-    if data_dir is not None:
-        cfg.paths.data_dir = data_dir
-    if dm is None:
-        dm = build_datamodule(cfg)
-    model = build_model(cfg, dm)
-    model.load_state_dict(payload["state_dict"])
-    return model.to(device).eval()
-
-
-def full_histories(dm: SequenceDataModule) -> list[np.ndarray]:
-    """Each user's whole chronological history: training items (cold-start ones included: in
-    production every item is known), then the valid and the test item."""
-    return [np.append(h, t).astype(np.int64) for h, t in zip(dm.history("test", seen=True), dm.test_targets)]
+def load_embedding_model(bundle_path: str | Path, device: str = "cpu") -> TwoTowerModel:
+    """The bundle's model in eval mode on ``device`` (inference/bundle.py; no dataset needed)."""
+    return load_bundle(bundle_path, device).model
 
 
 def user_histories(histories: list[np.ndarray], max_seq_len: int) -> UserHistories:
     """Right-padded last ``max_seq_len`` items of each history, their lengths, and the seen sets."""
-    if max_seq_len < 1:
-        raise ValueError(f"data.max_seq_len must be >= 1, got {max_seq_len}")
     items = np.zeros((len(histories), max_seq_len), dtype=np.int64)
     lengths = np.zeros(len(histories), dtype=np.int64)
     for row, hist in enumerate(histories):
@@ -106,8 +73,6 @@ def embed_users(model: TwoTowerModel, items: np.ndarray, lengths: np.ndarray) ->
 
 
 def _batches(n: int, batch_size: int) -> Iterator[slice]:
-    if batch_size < 1:
-        raise ValueError(f"infer.batch_size must be >= 1, got {batch_size}")
     for start in range(0, n, batch_size):
         yield slice(start, min(n, start + batch_size))
 

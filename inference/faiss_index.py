@@ -23,8 +23,6 @@ def build_index(
     probed per query. ``hnsw``: IndexHNSWFlat with ``hnsw_m`` links per node and ``ef_search``.
     """
     kind = str(getattr(kind, "value", kind))
-    if kind not in INDEX_KINDS:
-        raise ValueError(f"infer.index.kind must be one of {INDEX_KINDS}, got '{kind}'")
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"item vectors must be a non-empty [num_items, dim] matrix, got shape {x.shape}")
@@ -34,18 +32,16 @@ def build_index(
     if kind == "flat":
         index: faiss.Index = faiss.IndexFlatIP(d)
     elif kind == "ivf":
-        if nlist < 1 or nprobe < 1:
-            raise ValueError(f"infer.index.nlist and infer.index.nprobe must be >= 1, got {nlist} and {nprobe}")
         lists = min(nlist, n)
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
         index.train(x)
         index.nprobe = min(nprobe, lists)
-    else:
-        if hnsw_m < 2 or ef_search < 1:
-            raise ValueError(f"infer.index.hnsw_m must be >= 2 and infer.index.ef_search >= 1, got {hnsw_m} and {ef_search}")
+    elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = ef_search
+    else:
+        raise ValueError(f"build_index: kind must be one of {INDEX_KINDS}, got {kind!r}")
     index.add(x)
     return index
 
@@ -84,7 +80,7 @@ def search_unseen(
     if len(seen) != q.shape[0]:
         raise ValueError(f"need one seen-item list per user: {q.shape[0]} users, {len(seen)} seen lists")
     if k < 1:
-        raise ValueError(f"infer.top_k must be >= 1, got {k}")
+        raise ValueError(f"search_unseen: k must be >= 1, got {k}")
     n = index.ntotal
     ids = np.full((q.shape[0], k), -1, dtype=np.int64)
     scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)

@@ -1,25 +1,12 @@
-"""``python -m jobs.finetune experiment=...``: two-tower retrieval fine-tuning, from a pretraining run (``init_from``)."""
-from __future__ import annotations
+"""``python -m jobs.finetune experiment=... [init_from=<pretrain run | bundle | latest | null>]``: two-tower
+retrieval fine-tuning; writes the run's model bundle (jobs/runtime/stage_job.py)."""
+from functools import partial
 
-import hydra
-from omegaconf import DictConfig
+from jobs.runtime.entry_point import hydra_main
+from jobs.runtime.stage_job import run_stage_job
 
-from jobs.run_folder import pin_hydra_output_dir
-from jobs.config_schema import register
-from jobs.training import run_stage_job
-
-
-def run(cfg: DictConfig) -> dict[str, float]:
-    return run_stage_job(cfg, "finetune")
-
-
-register()
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
-def main(cfg: DictConfig) -> None:
-    run(pin_hydra_output_dir(cfg))
-
+run = partial(run_stage_job, stage="finetune")
+main = hydra_main("finetune", run)
 
 if __name__ == "__main__":
     main()

@@ -1,25 +1,12 @@
-"""``python -m jobs.pretrain experiment=...``: next-item pretraining of both towers (optional MLM on item text)."""
-from __future__ import annotations
+"""``python -m jobs.pretrain experiment=...``: next-item pretraining of both towers (optional MLM on
+item text); writes the run's model bundle (jobs/runtime/stage_job.py)."""
+from functools import partial
 
-import hydra
-from omegaconf import DictConfig
+from jobs.runtime.entry_point import hydra_main
+from jobs.runtime.stage_job import run_stage_job
 
-from jobs.run_folder import pin_hydra_output_dir
-from jobs.config_schema import register
-from jobs.training import run_stage_job
-
-
-def run(cfg: DictConfig) -> dict[str, float]:
-    return run_stage_job(cfg, "pretrain")
-
-
-register()
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
-def main(cfg: DictConfig) -> None:
-    run(pin_hydra_output_dir(cfg))
-
+run = partial(run_stage_job, stage="pretrain")
+main = hydra_main("pretrain", run)
 
 if __name__ == "__main__":
     main()

@@ -41,12 +41,10 @@ class ItemTower(nn.Module):
         id_dropout: float = 0.0,
     ):
         super().__init__()
+        # config values are checked once, by the config schema (jobs/runtime/config_schema.py);
+        # here only what needs the built encoder or the tensors
         if encoder is None and not use_id_embedding:
-            raise ValueError("model.item_tower: with use_text=false the id embedding is the only input; set use_id_embedding=true")
-        if not 0.0 <= id_dropout < 1.0:
-            raise ValueError(f"model.item_tower.id_dropout must be in [0, 1), got {id_dropout}")
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"model.item_tower.pooling must be 'mean' or 'cls', got '{pooling}'")
+            raise ValueError("ItemTower: without a text encoder the id embedding is the only input (use_id_embedding=True)")
         self.num_items = num_items
         self.dim = dim
         self.pooling = pooling
@@ -56,6 +54,7 @@ class ItemTower(nn.Module):
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=dim**-0.5)
         self.dropout = nn.Dropout(dropout)
+        self.freeze_encoder, self.unfreeze_top_layers = freeze_encoder, unfreeze_top_layers
         # training only: each item of a batch loses its id embedding with this probability, so
         # the text path alone must score it (what a cold-start item has)
         self.id_dropout = id_dropout

@@ -37,7 +37,7 @@ class PretrainModule(RetrievalModule):
         if mlm_weight > 0:
             encoder = self.model.item_tower.encoder
             if encoder is None or self.model.item_tower.encoder_frozen:
-                raise ValueError("model.mlm_weight > 0 needs a text encoder with trainable layers (item_tower.freeze_encoder=false or unfreeze_top_layers>0)")
+                raise ValueError("pretrain.mlm_weight > 0 needs a text encoder with trainable layers (model.item_tower.freeze_encoder=false or model.item_tower.unfreeze_top_layers > 0)")
             if mask_token_id is None:
                 raise ValueError("MLM needs the tokenizer's mask token id")
             self.mlm_head = BertOnlyMLMHead(encoder.config)

@@ -38,13 +38,7 @@ class RetrievalModule(pl.LightningModule):
         item_categories: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
     ):
-        super().__init__()
-        if train_positions not in ("all", "last"):
-            raise ValueError(f"train_positions must be 'all' or 'last', got '{train_positions}'")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"trainer.label_smoothing must be in [0, 1), got {label_smoothing}")
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"trainer.lr_schedule must be 'constant' or 'cosine', got '{lr_schedule}'")
+        super().__init__()  # argument values are checked by the config schema, before any data is read
         self.model = model
         self.sampled_loss = sampled_loss
         self.lr = lr

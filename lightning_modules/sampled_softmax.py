@@ -28,16 +28,14 @@ class SampledSoftmaxLoss(nn.Module):
         label_smoothing: float = 0.0,
     ):
         super().__init__()
-        if sampler not in ("uniform", "popularity"):
-            raise ValueError(f"model.loss.sampler must be 'uniform' or 'popularity', got '{sampler}'")
-        if num_negatives < 0:
-            raise ValueError(f"model.loss.num_negatives must be >= 0, got {num_negatives}")
         counts = torch.as_tensor(item_counts, dtype=torch.float64)
         data_p = (counts + 1e-3) / (counts + 1e-3).sum()
         if sampler == "uniform":
             proposal = torch.full_like(counts, 1.0 / counts.numel())
-        else:
+        elif sampler == "popularity":
             proposal = (counts + 1.0) ** popularity_alpha
+        else:
+            raise ValueError(f"SampledSoftmaxLoss: sampler must be 'uniform' or 'popularity', got {sampler!r}")
         if allowed is not None:  # items held out of training (cold start) are never sampled
             proposal = proposal * torch.as_tensor(allowed, dtype=torch.float64)
         proposal = proposal / proposal.sum()

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import torch
+
+from inference.bundle import read_manifest
 
 
 def test_pipeline_on_ray_with_deepspeed_writes_every_file(tiny_cfg):
@@ -19,9 +20,9 @@ def test_pipeline_on_ray_with_deepspeed_writes_every_file(tiny_cfg):
     metrics = pipeline.run(cfg)
     root = Path(cfg.paths.output_dir)
     for stage in ("pretrain", "finetune"):
-        for name in ("config.yaml", "metrics.json", "run.log", "checkpoints/model.ckpt"):
+        for name in ("config.yaml", "metrics.json", "run.log", "bundle/manifest.json", "bundle/model.safetensors"):
             assert (root / stage / name).is_file(), f"{stage}/{name}"
-        assert torch.load(root / stage / "checkpoints" / "model.ckpt", weights_only=True)["meta"]["ray_run"]
+        assert read_manifest(root / stage / "bundle")["lineage"]["ray_run"]
     for name in ("metrics.json", "test_split.parquet", "test_recommendations.parquet"):
         assert (root / "evaluate" / name).is_file()
     recs = pd.read_parquet(root / "batch_infer" / "recommendations.parquet")

@@ -1,5 +1,5 @@
 """Ray Train with real Ray and real DeepSpeed on CPU: 2 workers, ddp / ZeRO-2 / ZeRO-3,
-checkpoint consolidation, 1-vs-2-worker equivalence, and recovery from a killed worker."""
+consolidation into the model bundle, 1-vs-2-worker equivalence, and recovery from a killed worker."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.assembly import build_datamodule, build_model
-from jobs.training import load_model_checkpoint, restore_config, run_stage_job
+from inference.bundle import load_bundle
+from jobs.runtime.stage_job import run_stage_job
 
 RAY = ["launcher=ray", "cluster.num_cpus=4", "logger=none", "strategy.collective_timeout_s=120"]
 
@@ -30,14 +30,11 @@ def test_two_workers_train_and_the_consolidated_checkpoint_scores_like_the_live_
         steps = [x["loss"] for x in losses(run_dir, rank)]
         assert len(steps) >= 8
         assert sum(steps[-3:]) / 3 < sum(steps[:3]) / 3  # the loss falls
-    payload = load_model_checkpoint(run_dir / "checkpoints" / "model.ckpt")  # weights_only=True
-    best_epoch = payload["meta"]["best_epoch"]
+    bundle = load_bundle(run_dir / "bundle")  # the ZeRO shards gathered into one fp32 model
+    best_epoch = bundle.manifest["lineage"]["best_epoch"]
     assert metrics["train/best_epoch"] == best_epoch
     live = torch.load(run_dir / "debug" / f"scores-epoch{best_epoch}.pt", weights_only=True)
-    train_cfg = restore_config(payload["config"])
-    model = build_model(train_cfg, build_datamodule(train_cfg))
-    model.load_state_dict(payload["state_dict"])
-    model.eval()
+    model = bundle.model
     with torch.no_grad():
         reloaded = model.score(model.user_vectors(live["items"], live["mask"]), model.catalog_vectors())
     assert torch.allclose(reloaded, live["scores"], atol=1e-4), (reloaded - live["scores"]).abs().max()
@@ -71,7 +68,7 @@ def test_a_killed_worker_resumes_from_the_latest_checkpoint(tiny_cfg):
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[restart] > 1, f"restarted from scratch: {steps}"  # resumed after the epoch-0 checkpoint
     assert steps[-1] == max(steps) and metrics["train/epochs"] == 3
-    assert (run_dir / "checkpoints" / "model.ckpt").is_file()
+    assert load_bundle(run_dir / "bundle").manifest["lineage"]["best_epoch"] == metrics["train/best_epoch"]
 
 
 def test_a_run_started_again_with_the_same_name_resumes(tiny_cfg):

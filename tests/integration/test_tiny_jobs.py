@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from inference.bundle import read_manifest
 from jobs import pipeline
 from tests.conftest import ROOT, TINY
 
@@ -33,8 +34,8 @@ def test_pipeline_writes_every_file_and_beats_popularity(tiny_cfg):
     for stage in ("pretrain", "finetune"):
         assert (root / stage / "config.yaml").is_file() and (root / stage / "run.log").is_file()
         assert json.loads((root / stage / "metrics.json").read_text())["val/ndcg@10"] > 0
-        payload = torch.load(root / stage / "checkpoints" / "model.ckpt", weights_only=True)
-        assert payload["config"]["job"] == stage
+        assert json.loads((root / stage / "bundle" / "config.json").read_text())["job"] == stage
+        assert read_manifest(root / stage / "bundle")["stage"] == stage
     ev = root / "evaluate"
     saved = json.loads((ev / "metrics.json").read_text())
     assert saved["test/ndcg@10"] == metrics["evaluate/test/ndcg@10"]
@@ -81,8 +82,8 @@ def test_three_commands_from_the_shell(tmp_path):
     runs = {job: sorted((tmp_path / "outputs" / job).glob("*/*")) for job in ("pretrain", "finetune", "evaluate")}
     assert all(len(r) == 1 for r in runs.values())
     fin_cfg = (runs["finetune"][0] / "config.yaml").read_text()
-    assert "init_from: latest" in fin_cfg
-    assert "using the latest pretrain run" in (runs["finetune"][0] / "run.log").read_text()
+    assert f"init_from: {runs['pretrain'][0] / 'bundle'}" in fin_cfg  # 'latest' resolved on the driver, recorded
+    assert "(the latest pretrain run)" in (runs["finetune"][0] / "run.log").read_text()
     for name in ("metrics.json", "test_split.parquet", "test_recommendations.parquet", "config.yaml"):
         assert (runs["evaluate"][0] / name).is_file()
 
@@ -110,8 +111,9 @@ def test_cold_start_items_are_ranked_from_text_alone(tiny_cfg):
 
 
 def test_weight_averaging_is_what_validation_sees_and_what_is_saved(tiny_cfg):
-    from jobs.run_folder import create_run_folder
-    from jobs.training import load_model_checkpoint, local_fit
+    from inference.bundle import read_weights
+    from jobs.runtime.local_fit import local_fit
+    from jobs.runtime.run_folder import create_run_folder
 
     cfg = tiny_cfg("finetune", "finetune.max_epochs=2", "data.batch_size=16", "trainer.ema_decay=0.9", "init_from=null")
     run_dir = create_run_folder(cfg)
@@ -119,7 +121,7 @@ def test_weight_averaging_is_what_validation_sees_and_what_is_saved(tiny_cfg):
     best = torch.load(next((run_dir / "checkpoints").glob("best-*.ckpt")), weights_only=False)
     live = {k.removeprefix("model."): v for k, v in best["current_model_state"].items() if k.startswith("model.")}
     averaged = {k.removeprefix("model."): v for k, v in best["state_dict"].items() if k.startswith("model.")}
-    saved = load_model_checkpoint(run_dir / "checkpoints" / "model.ckpt")["state_dict"]
+    saved = read_weights(run_dir / "bundle")
     name = "item_tower.id_embedding.weight"
     assert not torch.equal(live[name], averaged[name])  # the average lags the live weights
     assert all(torch.equal(saved[k], averaged[k]) for k in averaged)  # and it is the model kept

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import shutil
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
-from jobs.assembly import build_model, build_module
-from jobs.config_schema import validate
+from jobs.runtime.assembly import build_model, build_module
+from jobs.runtime.config_schema import validate
 from tests.conftest import CONF, compose_config
 
 def full_message(err: pytest.ExceptionInfo) -> str:
@@ -89,22 +90,54 @@ def test_unknown_key_in_an_experiment_file_fails(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override,key",
+    "job,override,key",
     [
-        ("model.user_tower.n_head=3", "model.user_tower.n_head"),
-        ("finetune.mlm_weight=0.5", "finetune.mlm_weight"),
-        ("data.max_seq_len=0", "data.max_seq_len"),
-        ("trainer.monitor=val/auc", "trainer.monitor"),
-        ("model.temperature=0", "model.temperature"),
-        ("trainer.ema_decay=1.5", "trainer.ema_decay"),
-        ("trainer.ema_decay=0.99 strategy=deepspeed_stage_2", "trainer.ema_decay"),
-        ("trainer.label_smoothing=1.0", "trainer.label_smoothing"),
-        ("data.cold_start.num_items=-1", "data.cold_start.num_items"),
+        ("pretrain", "model.user_tower.n_head=3", "model.user_tower.n_head"),
+        ("pretrain", "finetune.mlm_weight=0.5", "finetune.mlm_weight"),
+        ("pretrain", "data.max_seq_len=0", "data.max_seq_len"),
+        ("pretrain", "trainer.monitor=val/auc", "trainer.monitor"),
+        ("pretrain", "model.temperature=0", "model.temperature"),
+        ("pretrain", "trainer.ema_decay=1.5", "trainer.ema_decay"),
+        ("pretrain", "trainer.ema_decay=0.99 strategy=deepspeed_stage_2", "trainer.ema_decay"),
+        ("pretrain", "trainer.label_smoothing=1.0", "trainer.label_smoothing"),
+        ("pretrain", "data.cold_start.num_items=-1", "data.cold_start.num_items"),
+        ("pretrain", "model.item_tower.id_dropout=1.0", "model.item_tower.id_dropout"),
+        ("pretrain", "finetune.loss.num_negatives=-1", "finetune.loss.num_negatives"),
+        ("pretrain", "data=ml100k data.reader.sources=[{kind:ftp,url:x,md5:y}]", "data.reader.sources[0]"),
+        ("pretrain", "data=ml100k data.reader.sources=[{kind:grouplens_zip,url:x}]", "data.reader.sources[0]"),
+        ("pipeline", "infer.top_k=0", "infer.top_k"),
+        ("pipeline", "infer.index.nprobe=0", "infer.index.nprobe"),
+        ("pipeline", "infer.index.hnsw_m=1", "infer.index.hnsw_m"),
+        ("pipeline", "infer.num_actors=0", "infer.num_actors"),
+        ("batch_infer", "checkpoint=null", "checkpoint"),
+        ("evaluate", "checkpoint=null", "checkpoint"),
+        ("sweep", "sweep=tiny sweep.stage=evaluate", "sweep.stage"),
+        ("sweep", "sweep=tiny sweep.mode=best", "sweep.mode"),
+        ("sweep", "sweep=tiny sweep.metric=val/auc", "sweep.metric"),
     ],
 )
-def test_cross_field_checks_name_the_key(override, key, tmp_path):
-    cfg = compose_config("pretrain", override.split(), tmp_path)
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+def test_cross_field_checks_name_the_key(job, override, key, tmp_path):
+    cfg = compose_config(job, override.split(), tmp_path)
+    with pytest.raises(ValueError, match=f"config error at '{re.escape(key)}'"):
+        validate(cfg)
+    assert not (tmp_path / "data").exists()  # checked before any data is read
+
+
+@pytest.mark.parametrize(
+    "sweep,params,key",
+    [
+        ("tiny_optuna", {"finetune.lr": {"type": "grid", "values": [0.1]}}, "sweep.params.finetune.lr.type"),
+        ("tiny", {"finetune.nothing": {"type": "choice", "values": [1]}}, "sweep.params.finetune.nothing"),
+        ("tiny", {"seed": {"type": "uniform", "lower": 2, "upper": 1}}, "sweep.params.seed"),
+        ("tiny", {"seed": {"type": "normal", "lower": 0, "upper": 1}}, "sweep.params.seed.type"),
+        ("tiny", {}, "sweep.params"),
+    ],
+)
+def test_sweep_params_are_checked_before_ray_starts(sweep, params, key, tmp_path):
+    cfg = compose_config("sweep", [f"sweep={sweep}"], tmp_path)
+    validate(cfg)  # the shipped sweep is valid
+    cfg.sweep.params = params
+    with pytest.raises(ValueError, match=f"config error at '{re.escape(key)}'"):
         validate(cfg)
 
 
@@ -112,3 +145,18 @@ def test_output_dir_is_per_job_and_time(tmp_path):
     cfg = compose_config("finetune", ["experiment=tiny"], tmp_path)
     out = Path(cfg.paths.output_dir)
     assert out.parts[-3] == "finetune" and str(out).startswith(str(tmp_path))
+
+
+def test_a_missing_run_reference_fails_on_the_driver_before_ray_starts(tmp_path):
+    from jobs.runtime.stage_job import run_stage_job
+
+    cfg = compose_config("finetune", ["experiment=tiny", "launcher=ray", "logger=none", "init_from=latest"], tmp_path)
+    with pytest.raises(FileNotFoundError, match="no finished 'pretrain' run of experiment 'tiny'"):
+        run_stage_job(cfg, "finetune")
+    cfg = compose_config("finetune", ["experiment=tiny", "launcher=ray", "logger=none", f"init_from={tmp_path}/nowhere"], tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"config error at 'init_from'.*nowhere"):
+        run_stage_job(cfg, "finetune")
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "data").exists()
+    import sys
+
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()

@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import pytest
 from pytorch_lightning.callbacks import Callback
 
-from jobs.assembly import build_datamodule, build_model, build_module, build_trainer
+from jobs.runtime.assembly import build_datamodule, build_model, build_module, build_trainer
 
 GOLDEN = {
     "pretrain": [5.01843, 4.77505, 4.61358, 4.34277, 4.33466],

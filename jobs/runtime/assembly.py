@@ -26,7 +26,7 @@ from lightning_modules.user_tower import UserTower
 
 log = logging.getLogger(__name__)
 
-PREPARE_VERSION = 1  # bump when preprocessing changes what it writes
+PREPARE_VERSION = 2  # bump when preprocessing changes what it writes
 
 
 def data_fingerprint(cfg: DictConfig) -> str:
@@ -194,7 +194,7 @@ def build_trainer(cfg: DictConfig, stage: str, run_dir: Path, callbacks: list, *
         log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches,
-        enable_progress_bar=t.enable_progress_bar,
+        enable_progress_bar=False,  # the console draws its own bar from the run folder (jobs/runtime/console.py)
         num_sanity_val_steps=0,
         default_root_dir=str(run_dir),
         logger=build_loggers(cfg, run_dir) or False,

@@ -10,7 +10,7 @@ from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 class LossKind(str, Enum):
@@ -151,7 +151,7 @@ class TrainerConfig:
     limit_train_batches: float = 1.0
     log_every_n_steps: int = 10
     deterministic: bool = True
-    enable_progress_bar: bool = True
+    enable_progress_bar: bool = True  # the console's bar of each training stage (on a terminal)
     metrics_ks: list[int] = field(default_factory=lambda: [10, 20, 50])
     keep_checkpoints: int = 2  # Ray keeps the best k epoch checkpoints by `monitor`
     max_failures: int = 1  # Ray restarts dead workers this many times, resuming from the latest checkpoint
@@ -304,17 +304,18 @@ class SweepConfig:
 
 @dataclass
 class JobConfig:
-    job: str = MISSING  # pretrain | finetune | evaluate | batch_infer | pipeline
+    job: str = MISSING  # pretrain | finetune | evaluate | batch_infer | pipeline | sweep
     experiment_name: str = "default"
     launcher: Launcher = Launcher.ray
     # Ray run name; a run started again with the same name resumes from its latest checkpoint.
     # null: <experiment>-<job>-<date>-<time> of the run folder.
     run_name: Optional[str] = None
     seed: int = 0
-    # finetune: a pretraining run folder or model.ckpt, 'latest' (newest pretrain run of this
-    # experiment) or null (train from scratch).
+    verbose: bool = False  # the console shows every log line (as -v does), not only progress and results
+    # finetune: a pretraining run folder or model bundle, 'latest' (newest pretrain run of this
+    # experiment) or null (train from scratch). Resolved on the driver before anything starts.
     init_from: Optional[str] = None
-    # evaluate: a fine-tuning run folder or model.ckpt, or 'latest'.
+    # evaluate, batch_infer: a fine-tuning run folder or model bundle, or 'latest'.
     checkpoint: Optional[str] = None
     eval_batches_keep: int = 50
     pretrain: StageConfig = field(default_factory=lambda: StageConfig(loss=LossConfig(kind=LossKind.full_softmax)))
@@ -414,5 +415,78 @@ def validate(cfg: DictConfig) -> None:
         fail("launcher", f"launcher=local runs one process; hardware.num_workers={cfg.hardware.num_workers} needs launcher=ray")
     if _value(cfg.launcher) == "ray" and st.name == "auto":
         fail("strategy", "strategy=auto is for launcher=local; with Ray use ddp or a deepspeed strategy")
-    if cfg.job == "evaluate" and not cfg.checkpoint:
-        fail("checkpoint", "evaluate needs a fine-tuning run folder, a model.ckpt or 'latest'")
+    if cfg.job in ("evaluate", "batch_infer") and not cfg.checkpoint:
+        fail("checkpoint", f"{cfg.job} needs a fine-tuning run folder, a bundle folder or 'latest'")
+    _validate_reader(cfg, fail)
+    _validate_infer(cfg, fail)
+    if cfg.job == "sweep":
+        _validate_sweep(cfg, fail)
+
+
+def _validate_reader(cfg: DictConfig, fail) -> None:
+    """The reader's own argument checks that need no data (MovieLens-100K sources)."""
+    sources = OmegaConf.select(cfg, "data.reader.sources", default=None)
+    if sources is None:
+        return
+    from datamodules.ml100k_fetch import Source
+
+    if len(sources) == 0:
+        fail("data.reader.sources", "needs at least one source")
+    for n, source in enumerate(OmegaConf.to_container(sources, resolve=True)):
+        try:
+            Source(**source)
+        except (TypeError, ValueError) as e:
+            fail(f"data.reader.sources[{n}]", str(e).removeprefix("data.reader.sources: "))
+
+
+def _validate_infer(cfg: DictConfig, fail) -> None:
+    i = cfg.infer
+    for key, value, low in (
+        ("infer.top_k", i.top_k, 1),
+        ("infer.batch_size", i.batch_size, 1),
+        ("infer.num_actors", i.num_actors, 1),
+        ("infer.index.nlist", i.index.nlist, 1),
+        ("infer.index.nprobe", i.index.nprobe, 1),
+        ("infer.index.hnsw_m", i.index.hnsw_m, 2),
+        ("infer.index.ef_search", i.index.ef_search, 1),
+    ):
+        if value < low:
+            fail(key, f"must be >= {low}, got {value}")
+    if i.cpus_per_actor < 0:
+        fail("infer.cpus_per_actor", f"must be >= 0, got {i.cpus_per_actor}")
+    if i.gpus_per_actor < 0:
+        fail("infer.gpus_per_actor", f"must be >= 0, got {i.gpus_per_actor}")
+
+
+SWEEP_DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+def _validate_sweep(cfg: DictConfig, fail) -> None:
+    s = cfg.sweep
+    if s.stage not in ("pretrain", "finetune"):
+        fail("sweep.stage", f"must be pretrain or finetune, got {s.stage!r}")
+    if s.mode not in ("max", "min"):
+        fail("sweep.mode", f"must be max or min, got {s.mode!r}")
+    if s.num_samples < 1:
+        fail("sweep.num_samples", f"must be >= 1, got {s.num_samples}")
+    if s.max_concurrent_trials is not None and s.max_concurrent_trials < 1:
+        fail("sweep.max_concurrent_trials", f"must be >= 1 or null, got {s.max_concurrent_trials}")
+    if s.metric.split("/", 1)[-1] not in {f"{n}@{k}" for n in ("ndcg", "recall", "mrr") for k in cfg.trainer.metrics_ks}:
+        fail("sweep.metric", f"'{s.metric}' is not a validation metric (val/ndcg@K, val/recall@K, val/mrr@K for K in trainer.metrics_ks)")
+    if not s.params:
+        fail("sweep.params", "names no config key to search over")
+    optuna = _value(s.searcher) == "optuna"
+    for key, spec in OmegaConf.to_container(s.params, resolve=True).items():
+        name = f"sweep.params.{key}"
+        if OmegaConf.select(cfg, key, default=KeyError) is KeyError:
+            fail(name, f"'{key}' is not a config key")
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in SWEEP_DOMAINS:
+            fail(f"{name}.type", f"must be one of {SWEEP_DOMAINS}, got {kind!r}")
+        if kind in ("choice", "grid"):
+            if not spec.get("values"):
+                fail(f"{name}.values", "must be a non-empty list")
+            if kind == "grid" and optuna:
+                fail(f"{name}.type", "grid parameters cannot be used with sweep.searcher=optuna (use choice)")
+        elif "lower" not in spec or "upper" not in spec or not spec["lower"] < spec["upper"]:
+            fail(name, "needs lower < upper")

@@ -1,18 +1,22 @@
-"""The run folder contract (DESIGN.md section 4): config.yaml, metrics.json, checkpoints/, run.log."""
+"""The run folder contract (DESIGN.md section 4): config.yaml, metrics.json, bundle/, run.log; and
+how jobs find other runs' bundles."""
 from __future__ import annotations
 
 import json
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from inference.bundle import MANIFEST
+from jobs.runtime.console import capture_output, is_quiet
+
 log = logging.getLogger(__name__)
 
-MODEL_CKPT = Path("checkpoints") / "model.ckpt"
+BUNDLE_DIR = "bundle"  # every training run folder's model bundle (inference/bundle.py)
 
 
 def pin_absolute_paths(cfg: DictConfig) -> DictConfig:
@@ -44,7 +48,8 @@ def write_metrics(run_dir: Path, metrics: dict[str, float]) -> Path:
 
 @contextmanager
 def run_log_file(run_dir: Path) -> Iterator[Path]:
-    """Copy everything logged while the job runs into ``<run_dir>/run.log``."""
+    """Copy everything logged while the job runs into ``<run_dir>/run.log``; on a quiet console
+    (jobs/runtime/console.py) everything printed goes there too instead of to the terminal."""
     path = Path(run_dir) / "run.log"
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
@@ -53,7 +58,8 @@ def run_log_file(run_dir: Path) -> Iterator[Path]:
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     try:
-        yield path
+        with capture_output(path) if is_quiet() else nullcontext():
+            yield path
     finally:
         root.removeHandler(handler)
         handler.close()
@@ -67,27 +73,31 @@ def _experiment_of(run_dir: Path) -> str | None:
 
 
 def find_latest_run(outputs_root: str | Path, job: str, experiment_name: str) -> Path:
-    """Newest ``<outputs_root>/<job>/<date>/<time>`` folder of this experiment with a model.ckpt."""
+    """Newest ``<outputs_root>/<job>/<date>/<time>`` folder of this experiment with a model bundle."""
     root = Path(outputs_root) / job
-    candidates = [p.parent.parent for p in root.glob(f"*/*/{MODEL_CKPT.as_posix()}")]
+    candidates = [p.parent.parent for p in root.glob(f"*/*/{BUNDLE_DIR}/{MANIFEST}")]
     candidates = [c for c in candidates if _experiment_of(c) == experiment_name]
     if not candidates:
-        raise FileNotFoundError(f"no finished '{job}' run of experiment '{experiment_name}' under {root} (looked for */*/{MODEL_CKPT})")
-    return max(candidates, key=lambda c: (c / MODEL_CKPT).stat().st_mtime)
+        raise FileNotFoundError(f"no finished '{job}' run of experiment '{experiment_name}' under {root} (looked for */*/{BUNDLE_DIR}/{MANIFEST})")
+    return max(candidates, key=lambda c: (c / BUNDLE_DIR / MANIFEST).stat().st_mtime)
 
 
-def resolve_model_checkpoint(spec: str, outputs_root: str | Path, job: str, experiment_name: str) -> Path:
-    """A run folder, a model.ckpt file or 'latest' (newest run of ``job``) -> the model.ckpt path."""
+def resolve_bundle(spec: str, outputs_root: str | Path, job: str, experiment_name: str, key: str = "checkpoint") -> Path:
+    """A run folder, a bundle folder or 'latest' (newest run of ``job``) -> the bundle folder.
+
+    ``key`` names the config key the spec came from, for the error message."""
     if spec == "latest":
-        path = find_latest_run(outputs_root, job, experiment_name) / MODEL_CKPT
-        log.info("using the latest %s run: %s", job, path.parent.parent)
+        path = find_latest_run(outputs_root, job, experiment_name) / BUNDLE_DIR
+        log.info("using the latest %s run: %s", job, path.parent)
         return path
     path = Path(spec)
-    if path.is_dir():
-        path = path / MODEL_CKPT
-    if not path.is_file():
-        raise FileNotFoundError(f"{spec}: no such checkpoint (expected a run folder containing {MODEL_CKPT}, a .ckpt file or 'latest')")
-    return path
+    if (path / BUNDLE_DIR / MANIFEST).is_file():
+        return path / BUNDLE_DIR
+    if (path / MANIFEST).is_file():
+        return path
+    if (path / "checkpoints" / "model.ckpt").is_file() or path.suffix == ".ckpt":
+        raise FileNotFoundError(f"config error at '{key}': {spec} holds a checkpoint of an older version (checkpoints/model.ckpt) and no model bundle; train it again with this version")
+    raise FileNotFoundError(f"config error at '{key}': {spec} is not a run folder with a model bundle ({BUNDLE_DIR}/{MANIFEST}), a bundle folder, or 'latest'")
 
 
 def pin_hydra_output_dir(cfg: DictConfig) -> DictConfig:

@@ -1,45 +1,23 @@
 """Ray Train launch of a training stage: TorchTrainer over ``hardware.num_workers`` workers, each
 running the same Lightning fit; checkpoints reported every epoch (best k kept by the monitor),
-dead workers restarted from the latest checkpoint, the best one consolidated into model.ckpt."""
+dead workers restarted from the latest checkpoint, the best one written as the model bundle."""
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Callback, EarlyStopping
+from pytorch_lightning.callbacks import EarlyStopping
 
-from jobs.assembly import build_trainer, finish_wandb, precision_of
-from jobs.ray_cluster import cpus_per_worker, ray_session
-from jobs.run_folder import MODEL_CKPT
-from jobs.training import build_stage, stage_callbacks, model_state_from_lightning, restore_config, save_model_checkpoint
+from jobs.runtime.assembly import build_datamodule, build_model, build_trainer, finish_wandb, precision_of
+from jobs.runtime.bundle_export import export_bundle
+from jobs.runtime.callbacks import EpochReport, stage_callbacks
+from jobs.runtime.checkpoints import model_state_from_lightning, restore_config
+from jobs.runtime.local_fit import build_stage
+from jobs.runtime.ray_cluster import cpus_per_worker, ray_session
 
 log = logging.getLogger(__name__)
-
-
-class EpochReport(Callback):
-    """Reports every epoch's metrics and a checkpoint to Ray (what RayTrainReportCallback does),
-    staging the checkpoint in a folder of its own: Ray's callback derives its folder from the job
-    id and run name alone, so concurrent Tune trials on one node overwrote and deleted each
-    other's checkpoints."""
-
-    CHECKPOINT_NAME = "checkpoint.ckpt"
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        import ray.train
-
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        metrics |= {"epoch": trainer.current_epoch, "step": trainer.global_step}
-        staging = tempfile.mkdtemp(prefix=f"towerrec-ckpt-rank{trainer.global_rank}-")
-        try:
-            trainer.save_checkpoint(str(Path(staging) / self.CHECKPOINT_NAME), weights_only=False)
-            ray.train.report(metrics=metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
-            trainer.strategy.barrier()
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -48,7 +26,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train.lightning import RayLightningEnvironment, prepare_trainer
 
-    from jobs.ray_strategies import build_strategy
+    from jobs.runtime.ray_strategies import build_strategy
 
     cfg = restore_config(config["cfg"])
     stage, run_dir = config["stage"], Path(config["run_dir"])
@@ -92,7 +70,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
     """A copy of ``cfg`` with dotted keys set (type-checked by the schema) and validated."""
-    from jobs.config_schema import validate
+    from jobs.runtime.config_schema import validate
 
     cfg = cfg.copy()
     for key, value in overrides.items():
@@ -103,11 +81,14 @@ def apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
     return cfg
 
 
-def consolidate(checkpoint, path: Path, cfg: DictConfig, meta: dict) -> int:
-    """Write a reported Ray checkpoint as the consolidated model.ckpt; returns its epoch."""
+def consolidate(checkpoint, run_dir: Path, cfg: DictConfig, stage: str, metrics: dict[str, float], lineage: dict) -> int:
+    """Write a reported Ray checkpoint as the stage's model bundle (built here, on the driver,
+    with the stage's own datamodule); returns the checkpoint's epoch."""
     with checkpoint.as_directory() as folder:
         state, epoch = model_state_from_lightning(Path(folder) / EpochReport.CHECKPOINT_NAME)
-    save_model_checkpoint(path, state, cfg, meta | {"best_epoch": epoch, "source": checkpoint.path})
+    dm = build_datamodule(cfg)
+    model = build_model(cfg, dm)
+    export_bundle(run_dir, cfg, dm, model, state, stage, metrics | {"train/best_epoch": float(epoch)}, lineage | {"best_epoch": epoch, "source": checkpoint.path})
     return epoch
 
 
@@ -174,8 +155,10 @@ def ray_fit(cfg: DictConfig, stage: str, run_dir: Path) -> dict[str, float]:
     if not ranked:
         raise RuntimeError(f"{stage}: Ray Train run {name} reported no checkpoint with '{monitor}'")
     checkpoint, reported = max(ranked, key=lambda cm: cm[1][monitor])
-    best_epoch = consolidate(checkpoint, run_dir / MODEL_CKPT, cfg, {"stage": stage, "ray_run": name})
     metrics = {k: float(v) for k, v in reported.items() if k.startswith("val/")}
-    metrics.update({"train/seconds": seconds, "train/best_epoch": float(best_epoch), "train/epochs": float(result.metrics.get("epoch", best_epoch)) + 1})
+    metrics.update({"train/seconds": seconds, "train/epochs": float(result.metrics.get("epoch", reported.get("epoch", 0))) + 1})
+    lineage = {"ray_run": name, "init_from": cfg.init_from if stage == "finetune" else None}
+    best_epoch = consolidate(checkpoint, run_dir, cfg, stage, metrics, lineage)
+    metrics["train/best_epoch"] = float(best_epoch)
     log.info("%s: best %s = %.4f at epoch %d (%.0f s)", stage, monitor, metrics[monitor], best_epoch, seconds)
     return metrics

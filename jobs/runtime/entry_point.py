@@ -1,0 +1,35 @@
+"""What makes a module under ``jobs/`` an entry point: ``@hydra.main`` over ``conf/<name>.yaml``
+calling one plain ``run(cfg) -> dict[str, float]`` in Hydra's own run folder, with the console
+set up (quiet by default; ``-v`` or ``verbose=true`` for the full stream)."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from jobs.runtime.config_schema import register
+from jobs.runtime.console import setup_console, strip_verbose_flag
+from jobs.runtime.run_folder import pin_hydra_output_dir
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def hydra_main(config_name: str, run: Callable[[DictConfig], dict[str, float]]) -> Callable[[], None]:
+    """The ``main()`` of an entry point: composes ``conf/<config_name>.yaml`` with the command
+    line's overrides and calls ``run`` on it."""
+    register()
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def hydra_entry(cfg: DictConfig) -> None:
+        setup_console(bool(cfg.verbose))
+        run(pin_hydra_output_dir(cfg))
+
+    def main() -> None:
+        if strip_verbose_flag(sys.argv):
+            sys.argv.append("verbose=true")
+        hydra_entry()
+
+    return main
