@@ -23,6 +23,7 @@ from lightning_modules.sampled_softmax import SampledSoftmaxLoss
 from lightning_modules.two_tower_model import TwoTowerModel
 from lightning_modules.two_tower_module import TwoTowerModule
 from lightning_modules.user_tower import UserTower
+from jobs.runtime.console import say
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,11 @@ def prepare_data(cfg: DictConfig) -> PreparedDataset:
     if ready is not None:
         log.info("data: reusing %s (%d users, %d items)", folder, ready.num_users, ready.num_items)
         return ready
+    say("data: reading %s and preparing it in %s (once; later runs reuse it)", cfg.data.name, folder)
     raw = instantiate(cfg.data.reader, _convert_="all")
-    return prepare(raw, folder, cfg.data.min_user_interactions, cfg.data.dedupe, fingerprint)
+    prepared = prepare(raw, folder, cfg.data.min_user_interactions, cfg.data.dedupe, fingerprint)
+    say("data: %d users, %d items, %d interactions", prepared.num_users, prepared.num_items, prepared.num_interactions)
+    return prepared
 
 
 def build_datamodule(cfg: DictConfig) -> SequenceDataModule:

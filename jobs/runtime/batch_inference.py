@@ -22,6 +22,7 @@ from inference.bundle import ModelBundle, load_bundle
 from inference.embedding import UserHistories, embed_all_users, embed_catalog, embed_items, embed_users, load_embedding_model, user_histories
 from inference.faiss_index import build_index, search_unseen
 from jobs.runtime.config_schema import validate
+from jobs.runtime.console import say
 from jobs.runtime.ray_cluster import ray_session
 from jobs.runtime.run_folder import create_run_folder, resolve_bundle, run_log_file, write_metrics
 from jobs.runtime.tracking import log_job_result
@@ -207,8 +208,9 @@ def run_batch_infer(cfg: DictConfig) -> dict[str, float]:
     bundle = resolve_bundle(cfg.checkpoint, cfg.paths.outputs_root, "finetune", cfg.experiment_name)
     run_dir = create_run_folder(cfg)
     with run_log_file(run_dir):
-        log.info("batch_infer: %s -> %s", bundle, run_dir)
+        say("batch_infer: %s with %s; logs in %s", bundle, f"{cfg.infer.num_actors} Ray Data actor(s)" if cfg.infer.use_ray else "this process", run_dir / "run.log")
         metrics = batch_infer(cfg, bundle, run_dir)
+        say("batch_infer: top %d for %d users in %.0f s -> %s", cfg.infer.top_k, metrics["infer/num_users"], metrics["infer/seconds_total"], run_dir / "recommendations.parquet")
         write_metrics(run_dir, metrics)
         log_job_result(cfg, run_dir, metrics, {"recommendations": run_dir / "recommendations.parquet", "item_embeddings": run_dir / "item_embeddings.parquet"})
     return metrics

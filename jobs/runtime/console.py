@@ -126,9 +126,13 @@ class StageProgress:
         if self.enabled:
             from tqdm import tqdm
 
+            try:
+                width = os.get_terminal_size(_State.terminal.fileno()).columns
+            except OSError:
+                width = 0
             self._bar = tqdm(
-                total=self.max_epochs, desc=self.stage, file=_State.terminal, dynamic_ncols=True, leave=True, disable=False,
-                bar_format="{desc:>9} {percentage:3.0f}%|{bar:24}| epoch {postfix} [{elapsed}<{remaining}]",
+                total=self.max_epochs, file=_State.terminal, ncols=min(width, 140) if width >= 60 else 100, leave=True, disable=False,
+                bar_format=f"{self.stage:>11} {{percentage:3.0f}}%|{{bar:24}}| {{desc}} [{{elapsed}}<{{remaining}}]",
             )
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()
@@ -160,13 +164,13 @@ class StageProgress:
         epoch = int(progress.get("epoch", done))
         fraction = progress.get("batch", 0) / max(1, progress.get("batches", 1)) if progress.get("phase") == "train" and epoch >= done else 0.0
         self._bar.n = min(self.max_epochs, done + fraction)
-        text = f"{min(epoch + 1, self.max_epochs)}/{self.max_epochs}"
-        if progress.get("phase") == "validate":
+        text = f"epoch {min(epoch + 1, self.max_epochs)}/{self.max_epochs}"
+        if progress.get("phase") == "validate" and epoch >= done:
             text += " validating"
         scores = [h[self.monitor] for h in history if self.monitor in h]
         if scores:
             text += f" | {self.monitor} {scores[-1]:.4f} (best {max(scores):.4f})"
-        self._bar.set_postfix_str(text, refresh=False)
+        self._bar.set_description_str(text, refresh=False)
         self._bar.refresh()
 
 

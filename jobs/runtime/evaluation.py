@@ -19,6 +19,7 @@ from inference.bundle import CATALOG, BundleError, ModelBundle, load_bundle
 from jobs.runtime.assembly import build_datamodule
 from jobs.runtime.checkpoints import restore_config
 from jobs.runtime.config_schema import validate
+from jobs.runtime.console import say
 from jobs.runtime.run_folder import create_run_folder, resolve_bundle, run_log_file, write_metrics
 from jobs.runtime.tracking import log_job_result
 from lightning_modules.full_ranking import model_scorer, popularity_scorer, rank_batches
@@ -100,9 +101,9 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
     bundle = resolve_bundle(cfg.checkpoint, cfg.paths.outputs_root, "finetune", cfg.experiment_name)
     run_dir = create_run_folder(cfg)
     with run_log_file(run_dir):
-        log.info("evaluate: %s -> %s", bundle, run_dir)
+        say("evaluate: full ranking with %s; logs in %s", bundle, run_dir / "run.log")
         metrics = evaluate_bundle(bundle, run_dir, cfg.eval_batches_keep, cfg.paths)
         write_metrics(run_dir, metrics)
         log_job_result(cfg, run_dir, metrics, {"test_recommendations": run_dir / "test_recommendations.parquet"})
-        log.info("test ndcg@10 %.4f (popularity %.4f)", metrics["test/ndcg@10"], metrics["popularity/test/ndcg@10"])
+        say("evaluate: test ndcg@10 %.4f, recall@10 %.4f (most popular: %.4f, %.4f) over %d users", metrics["test/ndcg@10"], metrics["test/recall@10"], metrics["popularity/test/ndcg@10"], metrics["popularity/test/recall@10"], metrics["test/num_users"])
     return metrics

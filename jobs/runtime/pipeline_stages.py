@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from jobs.runtime.batch_inference import run_batch_infer
 from jobs.runtime.config_schema import validate
+from jobs.runtime.console import say
 from jobs.runtime.evaluation import run_evaluate
 from jobs.runtime.run_folder import create_run_folder, run_log_file, write_metrics
 from jobs.runtime.stage_job import run_stage_job
@@ -65,7 +66,7 @@ def run_or_reuse(cfg: DictConfig, job: str, upstream: str, runner: Callable[[Dic
     if not cfg.pipeline.force:
         done = find_finished(cfg.paths.outputs_root, job, fingerprint)
         if done is not None:
-            log.info("%s: already finished for this config in %s; reusing it (pipeline.force=true reruns)", job, done)
+            say("%s: reusing the finished run in %s (same config; pipeline.force=true reruns it)", job, done)
             return done, fingerprint, json.loads((done / "metrics.json").read_text())
     metrics = runner(cfg)
     folder = Path(cfg.paths.output_dir)
@@ -88,6 +89,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)
     run_dir = create_run_folder(cfg)
     metrics: dict[str, float] = {}
+    say("pipeline %s: run folder %s", cfg.experiment_name, run_dir)
     with run_log_file(run_dir):
         folders: dict[str, str] = {}
 

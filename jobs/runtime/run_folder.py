@@ -83,7 +83,8 @@ def find_latest_run(outputs_root: str | Path, job: str, experiment_name: str) ->
 
 
 def resolve_bundle(spec: str, outputs_root: str | Path, job: str, experiment_name: str, key: str = "checkpoint") -> Path:
-    """A run folder, a bundle folder or 'latest' (newest run of ``job``) -> the bundle folder.
+    """A run folder, a pipeline run folder (its ``job`` stage), a bundle folder or 'latest'
+    (newest run of ``job``) -> the bundle folder.
 
     ``key`` names the config key the spec came from, for the error message."""
     if spec == "latest":
@@ -93,11 +94,13 @@ def resolve_bundle(spec: str, outputs_root: str | Path, job: str, experiment_nam
     path = Path(spec)
     if (path / BUNDLE_DIR / MANIFEST).is_file():
         return path / BUNDLE_DIR
+    if (path / job / BUNDLE_DIR / MANIFEST).is_file():  # a pipeline's run folder: its stage of that job
+        return path / job / BUNDLE_DIR
     if (path / MANIFEST).is_file():
         return path
     if (path / "checkpoints" / "model.ckpt").is_file() or path.suffix == ".ckpt":
         raise FileNotFoundError(f"config error at '{key}': {spec} holds a checkpoint of an older version (checkpoints/model.ckpt) and no model bundle; train it again with this version")
-    raise FileNotFoundError(f"config error at '{key}': {spec} is not a run folder with a model bundle ({BUNDLE_DIR}/{MANIFEST}), a bundle folder, or 'latest'")
+    raise FileNotFoundError(f"config error at '{key}': {spec} is not a run folder with a model bundle ({BUNDLE_DIR}/{MANIFEST}), a pipeline run folder, a bundle folder, or 'latest'")
 
 
 def pin_hydra_output_dir(cfg: DictConfig) -> DictConfig:

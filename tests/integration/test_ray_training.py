@@ -18,6 +18,11 @@ def losses(run_dir: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "debug" / f"losses-rank{rank}.jsonl").read_text().splitlines()]
 
 
+def best_validated_epoch(run_dir: Path) -> int:
+    rows = [json.loads(line) for line in (run_dir / "metrics_history.jsonl").read_text().splitlines()]
+    return int(max(rows, key=lambda r: r["val/ndcg@10"])["epoch"])
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2", "deepspeed_stage_3"])
 def test_two_workers_train_and_the_consolidated_checkpoint_scores_like_the_live_model(strategy, tiny_cfg):
     cfg = tiny_cfg(
@@ -32,7 +37,9 @@ def test_two_workers_train_and_the_consolidated_checkpoint_scores_like_the_live_
         assert sum(steps[-3:]) / 3 < sum(steps[:3]) / 3  # the loss falls
     bundle = load_bundle(run_dir / "bundle")  # the ZeRO shards gathered into one fp32 model
     best_epoch = bundle.manifest["lineage"]["best_epoch"]
-    assert metrics["train/best_epoch"] == best_epoch
+    assert best_epoch == best_validated_epoch(run_dir)  # the epoch that validated best is the one kept
+    rows = [json.loads(line) for line in (run_dir / "metrics_history.jsonl").read_text().splitlines()]
+    assert metrics["val/ndcg@10"] == pytest.approx(max(r["val/ndcg@10"] for r in rows))
     live = torch.load(run_dir / "debug" / f"scores-epoch{best_epoch}.pt", weights_only=True)
     model = bundle.model
     with torch.no_grad():
@@ -68,7 +75,7 @@ def test_a_killed_worker_resumes_from_the_latest_checkpoint(tiny_cfg):
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[restart] > 1, f"restarted from scratch: {steps}"  # resumed after the epoch-0 checkpoint
     assert steps[-1] == max(steps) and metrics["train/epochs"] == 3
-    assert load_bundle(run_dir / "bundle").manifest["lineage"]["best_epoch"] == metrics["train/best_epoch"]
+    assert load_bundle(run_dir / "bundle").manifest["lineage"]["best_epoch"] == best_validated_epoch(run_dir)
 
 
 def test_a_run_started_again_with_the_same_name_resumes(tiny_cfg):
