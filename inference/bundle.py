@@ -245,6 +245,16 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def bundle_folder(path: str | Path, stage: str = "finetune") -> Path | None:
+    """The bundle a path names: a bundle folder, a run folder holding ``bundle/``, or a pipeline
+    run folder holding ``<stage>/bundle/``; None when it names none."""
+    path = Path(path)
+    for candidate in (path, path / "bundle", path / stage / "bundle"):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    return None
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The manifest of the bundle in ``folder``, its format and version checked."""
     path = Path(folder) / MANIFEST

@@ -87,6 +87,54 @@ class ItemTower(nn.Module):
         self.cold = mask.to(self.cold.device)
         self.has_cold = bool(mask.any())
 
+    @torch.no_grad()
+    def add_items(self, token_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, count: int | None = None) -> torch.Tensor:
+        """Grow the catalog by new items known from their text alone (cold: no trained id row).
+
+        ``token_ids`` / ``attention_mask`` [n, w] are the new items' tokens (right-padded; any
+        width: the narrower side is padded). The id embedding gains zero rows, trained rows stay
+        as they are; caches of frozen encodings are extended, not recomputed. Returns the new
+        items' indices."""
+        if self.encoder is None:
+            if token_ids is not None:
+                raise ValueError("this item tower has no text encoder: new items need trained id embeddings")
+            n = int(count or 0)
+        else:
+            if token_ids is None or attention_mask is None or token_ids.shape != attention_mask.shape:
+                raise ValueError("new items need token_ids and an attention_mask of the same shape")
+            n = token_ids.shape[0]
+        first = self.num_items
+        new = torch.arange(first, first + n, device=self.cold.device)
+        if n == 0:
+            return new
+        if self.encoder is not None:
+            device = self.token_ids.device
+            width = max(self.token_ids.shape[1], token_ids.shape[1])
+
+            def widen(t: torch.Tensor) -> torch.Tensor:
+                return torch.nn.functional.pad(t.to(device), (0, width - t.shape[1]))
+
+            self.token_ids = torch.cat([widen(self.token_ids), widen(token_ids.to(self.token_ids.dtype))])
+            self.attention_mask = torch.cat([widen(self.attention_mask), widen(attention_mask.to(self.attention_mask.dtype))])
+        if self.id_embedding is not None:
+            old = self.id_embedding
+            grown = nn.Embedding(first + n, self.dim, device=old.weight.device, dtype=old.weight.dtype)
+            grown.weight.zero_()
+            grown.weight[:first] = old.weight
+            grown.weight.requires_grad_(old.weight.requires_grad)
+            self.id_embedding = grown
+        self.cold = torch.cat([self.cold, torch.ones(n, dtype=torch.bool, device=self.cold.device)])
+        self.has_cold = True
+        self.num_items = first + n
+        if self._bottom_cache is not None:
+            rows = new.to(self.token_ids.device)
+            cache = self._bottom_cache
+            cache = torch.nn.functional.pad(cache, (0, 0, 0, self.token_ids.shape[1] - cache.shape[1]))
+            self._bottom_cache = torch.cat([cache, self._bottom_states(self.token_ids[rows], self.attention_mask[rows])])
+        if self._text_cache is not None:
+            self._text_cache = torch.cat([self._text_cache, self.encode_text(new.to(self._text_cache.device))])
+        return new
+
     def _apply_freezing(self, freeze: bool, unfreeze_top_layers: int) -> None:
         assert self.encoder is not None
         layers = self.encoder.encoder.layer
@@ -152,16 +200,20 @@ class ItemTower(nn.Module):
             size = self.token_ids.numel() * self.encoder.config.hidden_size * 4
             if size > self.cache_frozen_layers_max_bytes:
                 return None
-            was_training = self.encoder.training
-            self.encoder.eval()
-            with torch.no_grad():
-                chunks = []
-                for ids, mask in zip(self.token_ids.split(self.chunk_size), self.attention_mask.split(self.chunk_size)):
-                    chunks.append(self._run_layers(self.encoder.embeddings(input_ids=ids), mask, 0, self.frozen_bottom))
-                self._bottom_cache = torch.cat(chunks)
-            self.encoder.train(was_training)
+            self._bottom_cache = self._bottom_states(self.token_ids, self.attention_mask)
             log.info("item tower: cached the %d frozen encoder layers' output for %d items (%.0f MB)", self.frozen_bottom, self.num_items, size / 2**20)
         return self._bottom_cache
+
+    @torch.no_grad()
+    def _bottom_states(self, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the frozen lower layers (in eval mode), in chunks."""
+        was_training = self.encoder.training
+        self.encoder.eval()
+        chunks = []
+        for ids, mask in zip(token_ids.split(self.chunk_size), attention_mask.split(self.chunk_size)):
+            chunks.append(self._run_layers(self.encoder.embeddings(input_ids=ids), mask, 0, self.frozen_bottom))
+        self.encoder.train(was_training)
+        return torch.cat(chunks)
 
     def _frozen_text(self, item_idx: torch.Tensor) -> torch.Tensor:
         if self._text_cache is None or self._text_cache.device != item_idx.device:

@@ -266,6 +266,34 @@ class InferConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
 
 
+class ServeBackend(str, Enum):
+    local = "local"  # one process: FastAPI under uvicorn (the fast path)
+    ray = "ray"  # the same app as a Ray Serve deployment with serve.replicas replicas
+
+
+@dataclass
+class ServeConfig:
+    """The real-time service (jobs.serve)."""
+
+    # a finetune run folder, a pipeline run folder, a bundle folder, or 'latest' (newest finetune
+    # run or pipeline of experiment_name)
+    bundle: str = "latest"
+    host: str = "127.0.0.1"  # anything but loopback needs an admin token
+    port: int = 8000
+    backend: ServeBackend = ServeBackend.local
+    replicas: int = 1  # backend=ray only
+    # required for /items and /admin/* when host is not loopback (else optional); the
+    # environment variable TOWERREC_ADMIN_TOKEN is used when this is null
+    admin_token: Optional[str] = None
+    state_dir: Optional[str] = None  # the durable event/item log; null: <outputs_root>/serve/state
+    max_history: int = 500  # live events kept per user in memory (all of them stay in the log)
+    explain_window: int = 10  # how many recent history items explanations consider
+    reason_template: str = "Because you watched {items}"
+    max_body_bytes: int = 1048576
+    fsync: bool = True  # every acknowledged event is on disk before the reply
+    torch_threads: Optional[int] = None  # null: torch's default
+
+
 @dataclass
 class PipelineConfig:
     force: bool = False  # rerun stages even when a finished run of the same config exists
@@ -304,7 +332,7 @@ class SweepConfig:
 
 @dataclass
 class JobConfig:
-    job: str = MISSING  # pretrain | finetune | evaluate | batch_infer | pipeline | sweep
+    job: str = MISSING  # pretrain | finetune | evaluate | batch_infer | pipeline | sweep | serve
     experiment_name: str = "default"
     launcher: Launcher = Launcher.ray
     # Ray run name; a run started again with the same name resumes from its latest checkpoint.
@@ -332,6 +360,7 @@ class JobConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def register() -> None:
@@ -421,6 +450,19 @@ def validate(cfg: DictConfig) -> None:
     _validate_infer(cfg, fail)
     if cfg.job == "sweep":
         _validate_sweep(cfg, fail)
+    if cfg.job == "serve":
+        _validate_serve(cfg, fail)
+
+
+def _validate_serve(cfg: DictConfig, fail) -> None:
+    v = cfg.serve
+    if not 0 <= v.port <= 65535:
+        fail("serve.port", f"must be in [0, 65535], got {v.port}")
+    for key, value, low in (("serve.replicas", v.replicas, 1), ("serve.max_history", v.max_history, 1), ("serve.explain_window", v.explain_window, 1), ("serve.max_body_bytes", v.max_body_bytes, 1024)):
+        if value < low:
+            fail(key, f"must be >= {low}, got {value}")
+    if "{items}" not in v.reason_template:
+        fail("serve.reason_template", "must contain '{items}' (where the titles go)")
 
 
 def _validate_reader(cfg: DictConfig, fail) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from inference.bundle import MANIFEST
+from inference.bundle import MANIFEST, bundle_folder
 from jobs.runtime.console import capture_output, is_quiet
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,11 @@ def _experiment_of(run_dir: Path) -> str | None:
 
 
 def find_latest_run(outputs_root: str | Path, job: str, experiment_name: str) -> Path:
-    """Newest ``<outputs_root>/<job>/<date>/<time>`` folder of this experiment with a model bundle."""
+    """Newest ``<outputs_root>/<job>/<date>/<time>`` folder (or ``<job>`` stage of a pipeline run) of
+    this experiment with a model bundle."""
     root = Path(outputs_root) / job
     candidates = [p.parent.parent for p in root.glob(f"*/*/{BUNDLE_DIR}/{MANIFEST}")]
+    candidates += [p.parent.parent for p in (Path(outputs_root) / "pipeline").glob(f"*/*/{job}/{BUNDLE_DIR}/{MANIFEST}")]
     candidates = [c for c in candidates if _experiment_of(c) == experiment_name]
     if not candidates:
         raise FileNotFoundError(f"no finished '{job}' run of experiment '{experiment_name}' under {root} (looked for */*/{BUNDLE_DIR}/{MANIFEST})")
@@ -92,12 +94,9 @@ def resolve_bundle(spec: str, outputs_root: str | Path, job: str, experiment_nam
         log.info("using the latest %s run: %s", job, path.parent)
         return path
     path = Path(spec)
-    if (path / BUNDLE_DIR / MANIFEST).is_file():
-        return path / BUNDLE_DIR
-    if (path / job / BUNDLE_DIR / MANIFEST).is_file():  # a pipeline's run folder: its stage of that job
-        return path / job / BUNDLE_DIR
-    if (path / MANIFEST).is_file():
-        return path
+    found = bundle_folder(path, job)  # a bundle, a run folder, or a pipeline's run folder (its stage of that job)
+    if found is not None:
+        return found
     if (path / "checkpoints" / "model.ckpt").is_file() or path.suffix == ".ckpt":
         raise FileNotFoundError(f"config error at '{key}': {spec} holds a checkpoint of an older version (checkpoints/model.ckpt) and no model bundle; train it again with this version")
     raise FileNotFoundError(f"config error at '{key}': {spec} is not a run folder with a model bundle ({BUNDLE_DIR}/{MANIFEST}), a pipeline run folder, a bundle folder, or 'latest'")

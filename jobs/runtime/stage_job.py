@@ -35,11 +35,11 @@ def run_stage_job(cfg: DictConfig, stage: str) -> dict[str, float]:
         log.debug("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
         launcher = cfg.launcher.value if hasattr(cfg.launcher, "value") else cfg.launcher
         where = "in this process" if launcher == "local" else f"on Ray Train ({cfg.hardware.num_workers} worker(s), {cfg.strategy.name.value if hasattr(cfg.strategy.name, 'value') else cfg.strategy.name})"
-        say("%s: training %s; logs in %s", stage, where, run_dir / "run.log")
         if launcher != "local":  # once, here, rather than by every worker at once
             from jobs.runtime.assembly import prepare_data
 
             prepare_data(cfg)
+        say("%s: training %s; logs in %s", stage, where, run_dir / "run.log")
         monitor = cfg.trainer.monitor
         with StageProgress(run_dir, stage, cfg[stage].max_epochs, monitor, cfg.trainer.enable_progress_bar):
             if launcher == "local":

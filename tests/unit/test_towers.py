@@ -150,3 +150,22 @@ def test_id_dropout_leaves_some_items_to_their_text_in_training_only():
     text_only = torch.isclose(got, text, atol=1e-5).all(dim=1)
     assert 0 < int(text_only.sum()) < N  # some items lost their id embedding, not all
     assert torch.allclose(tower.eval()(torch.arange(N)), text + tower.id_embedding.weight, atol=1e-5)
+
+
+@pytest.mark.parametrize("setup", ["trainable", "frozen", "top_layer"])
+def test_new_items_are_scored_from_text_and_old_items_unchanged(setup):
+    kwargs = {"trainable": {"freeze_encoder": False}, "frozen": {"freeze_encoder": True}, "top_layer": {"freeze_encoder": True, "unfreeze_top_layers": 1}}[setup]
+    tower = tiny_text_tower(**kwargs).eval()
+    before = tower.all_vectors()  # fills the frozen caches where there are any
+    ids = torch.randint(5, 50, (3, 8))  # wider than the catalog's 6 tokens
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    new = tower.add_items(ids, mask)
+    assert new.tolist() == [N, N + 1, N + 2] and tower.num_items == N + 3 and tower.cold[N:].all()
+    after = tower.all_vectors()
+    assert torch.allclose(after[:N], before, atol=1e-5)
+    with torch.no_grad():  # a new item's vector is its text's projection, no id embedding
+        alone = ItemTower(3, D, tower.encoder, ids, mask, dropout=0.0, use_id_embedding=False, **kwargs).eval()
+        alone.text_proj = tower.text_proj
+        assert torch.allclose(after[N:], alone.all_vectors(), atol=1e-5)
+    assert tower.id_embedding.weight.shape[0] == N + 3 and tower.id_embedding.weight[N:].abs().sum() == 0

@@ -1,0 +1,89 @@
+"""Starting the real-time service (jobs.serve): one local process (FastAPI under uvicorn), or the
+same app as a Ray Serve deployment (``serve.backend=ray``)."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from jobs.runtime.config_schema import validate
+from jobs.runtime.console import say
+from jobs.runtime.run_folder import create_run_folder, resolve_bundle, run_log_file
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "TOWERREC_ADMIN_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_token_of(cfg: DictConfig) -> str | None:
+    """``serve.admin_token`` or the environment's; refuses a non-loopback bind without one."""
+    token = cfg.serve.admin_token or os.environ.get(TOKEN_ENV) or None
+    if token is None and not is_loopback(cfg.serve.host):
+        raise ValueError(
+            f"config error at 'serve.admin_token': the service would bind to {cfg.serve.host}, which is not loopback; "
+            f"set serve.admin_token (or {TOKEN_ENV}) so /items and /admin/* are not open to the network"
+        )
+    return token
+
+
+def service_options(cfg: DictConfig, bundle: Path) -> dict:
+    v = cfg.serve
+    state_dir = v.state_dir or str(Path(cfg.paths.outputs_root).resolve() / "serve" / "state")
+    return {
+        "bundle_path": str(bundle.resolve()),
+        "state_dir": state_dir,
+        "max_history": v.max_history,
+        "explain_window": v.explain_window,
+        "reason_template": v.reason_template,
+        "fsync": v.fsync,
+    }
+
+
+def run_serve(cfg: DictConfig) -> dict[str, float]:
+    """``jobs.serve``: load the bundle, replay the durable log, serve until stopped."""
+    validate(cfg)
+    token = admin_token_of(cfg)
+    bundle = resolve_bundle(cfg.serve.bundle, cfg.paths.outputs_root, "finetune", cfg.experiment_name, key="serve.bundle")
+    run_dir = create_run_folder(cfg)
+    options = service_options(cfg, bundle)
+    backend = cfg.serve.backend.value if hasattr(cfg.serve.backend, "value") else cfg.serve.backend
+    with run_log_file(run_dir):
+        if cfg.serve.torch_threads:
+            import torch
+
+            torch.set_num_threads(cfg.serve.torch_threads)
+        if backend == "ray":
+            from jobs.runtime.ray_serve import serve_on_ray
+
+            serve_on_ray(cfg, options, token)
+            return {}
+        import uvicorn
+
+        from serving.app import create_app
+        from serving.recommender import Recommender
+
+        service = Recommender(**options)
+        health = service.health()
+        app = create_app(service, token, cfg.serve.max_body_bytes)
+        say(
+            "serve: %s (model version %d, %d items, %d known users; log %s, offset %d)",
+            bundle, health["model_version"], health["items"], health["known_users"], service.log.path, health["log_offset"],
+        )
+        say("serve: listening on http://%s:%d (API description: /docs, /openapi.json; logs in %s)", cfg.serve.host, cfg.serve.port, run_dir / "run.log")
+        try:
+            uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning", access_log=False)
+        finally:
+            service.close()
+    return {}

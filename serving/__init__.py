@@ -1,0 +1,1 @@
+"""The real-time service: the recommender core, its durable log, and the HTTP app."""

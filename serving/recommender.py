@@ -1,0 +1,443 @@
+"""The real-time recommender, without HTTP: a model bundle, its item index, and what was learned
+live (events, new items), with recommend / ingest / add_item / generate / reload.
+
+Every request works on one immutable snapshot of the model (``ServingModel``); a reload builds
+the next snapshot beside the serving one and swaps a reference, so no request ever sees half of
+a reload. New items grow the serving snapshot under its write lock; requests hold its read lock.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference.bundle import BundleError, ModelBundle, bundle_folder, load_bundle
+from inference.faiss_index import build_index, search_unseen
+from serving.event_log import EventLog
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """A request the service refuses: an HTTP status, a message, and the field at fault."""
+
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+class ReadWriteLock:
+    """Many readers or one writer."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+@dataclass
+class ServingModel:
+    """One model version as served: the bundle's model, the catalog (grown by new items) and
+    the FAISS index over its item vectors."""
+
+    bundle: ModelBundle
+    item_ids: list[str]
+    titles: list[str]
+    categories: list[list[str]]
+    vectors: np.ndarray  # [N, d] float32, the model's item vectors
+    index: Any  # faiss.Index over ``vectors``
+    loaded_at: float
+    consumed_offset: int  # log records before this offset are already in the bundle
+    max_text_tokens: int
+    tokenizer: Any = None
+    lock: ReadWriteLock = field(default_factory=ReadWriteLock)
+    _index_of: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def version(self) -> int:
+        return self.bundle.model_version
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def index_of(self, item_id: str) -> int | None:
+        return self._index_of.get(item_id)
+
+
+def _load_serving_model(path: str | Path) -> ServingModel:
+    bundle = load_bundle(path)
+    model = bundle.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        vectors = model.catalog_vectors().float().numpy()  # also fills the frozen text caches
+    item_ids = [str(i) for i in bundle.catalog.item_ids]
+    cfg = bundle.config.get("model", {}).get("item_tower", {})
+    return ServingModel(
+        bundle=bundle,
+        item_ids=item_ids,
+        titles=list(bundle.catalog.titles),
+        categories=[list(c) for c in bundle.catalog.categories],
+        vectors=vectors,
+        index=build_index(vectors, "flat"),
+        loaded_at=time.time(),
+        consumed_offset=int(bundle.manifest.get("lineage", {}).get("log_offset_consumed", 0)),
+        max_text_tokens=int(cfg.get("max_text_tokens", bundle.catalog.token_ids.shape[1] if bundle.catalog.token_ids is not None else 32)),
+        tokenizer=bundle.load_tokenizer(),
+        _index_of={item: n for n, item in enumerate(item_ids)},
+    )
+
+
+def mmr(candidates: np.ndarray, relevance: np.ndarray, unit: np.ndarray, k: int, diversity: float) -> np.ndarray:
+    """Maximal marginal relevance: pick ``k`` of ``candidates`` one by one, each maximising
+    (1 - diversity) * relevance - diversity * (max cosine to those picked); relevance is scaled
+    to [0, 1] over the candidates so the knob means the same for any model. Returns positions."""
+    n = len(candidates)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    span = float(relevance.max() - relevance.min())
+    rel = (relevance - relevance.min()) / span if span > 0 else np.ones(n)
+    sims = unit[candidates] @ unit[candidates].T
+    chosen = [int(np.argmax(rel))]
+    closest = sims[chosen[0]].copy()
+    free = np.ones(n, dtype=bool)
+    free[chosen[0]] = False
+    while len(chosen) < min(k, n):
+        value = (1.0 - diversity) * rel - diversity * closest
+        value[~free] = -np.inf
+        pick = int(np.argmax(value))
+        chosen.append(pick)
+        free[pick] = False
+        closest = np.maximum(closest, sims[pick])
+    return np.asarray(chosen, dtype=np.int64)
+
+
+class Recommender:
+    """The service's core. Thread-safe; every public method may be called concurrently."""
+
+    def __init__(
+        self,
+        bundle_path: str | Path,
+        state_dir: str | Path,
+        max_history: int = 500,
+        explain_window: int = 10,
+        reason_template: str = "Because you watched {items}",
+        fsync: bool = True,
+    ):
+        self.max_history = max_history
+        self.explain_window = explain_window
+        self.reason_template = reason_template
+        self.bundle_path = Path(bundle_path)
+        self._model = _load_serving_model(self.bundle_path)
+        self._users: dict[str, deque[tuple[int, str]]] = {}  # live events per user: (offset, item_id)
+        self._users_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self.log = EventLog(state_dir, fsync=fsync)
+        self.events_ingested = 0
+        self._replay()
+
+    # ---- state ------------------------------------------------------------------------------
+    @property
+    def model(self) -> ServingModel:
+        return self._model
+
+    def _replay(self) -> None:
+        """Re-apply the durable log: new items first appear where they were added, then events."""
+        items = events = 0
+        for record in self.log.records():
+            if record["kind"] == "item":
+                if self._model.index_of(record["item_id"]) is None:
+                    self._add_to_model(self._model, [record])
+                items += 1
+            elif record["kind"] == "event":
+                self._remember(record)
+                events += 1
+        if items or events:
+            log.info("replayed %d new item(s) and %d event(s) from %s", items, events, self.log.path)
+
+    def _remember(self, record: dict[str, Any]) -> None:
+        with self._users_lock:
+            live = self._users.get(record["user_id"])
+            if live is None:
+                live = self._users[record["user_id"]] = deque(maxlen=self.max_history)
+            live.append((record["offset"], record["item_id"]))
+
+    def history_of(self, m: ServingModel, user_id: str | None, history: Sequence[str] | None) -> tuple[list[int], list[str]]:
+        """(item indices, where each came from) of a request's history: ``history`` if given,
+        else the user's stored history plus every event ingested since the model was made."""
+        if history is not None:
+            idx = []
+            for n, item in enumerate(history):
+                i = m.index_of(str(item))
+                if i is None:
+                    raise ServiceError(404, f"unknown item_id {item!r}", f"history[{n}]")
+                idx.append(i)
+            return idx, ["request"] * len(idx)
+        if user_id is None:
+            raise ServiceError(422, "give a user_id or a history", "user_id")
+        stored: list[int] = []
+        u = m.bundle.users.index_of(user_id)
+        if u is not None:
+            stored = m.bundle.users.histories[u].tolist()
+        with self._users_lock:
+            live = [item for offset, item in self._users.get(user_id, ()) if offset >= m.consumed_offset]
+        if u is None and not live:
+            raise ServiceError(404, f"unknown user_id {user_id!r}: no stored history and no ingested event; send events or a history", "user_id")
+        idx = stored + [m.index_of(item) for item in live]
+        return [i for i in idx if i is not None], ["stored"] * len(stored) + ["live"] * len(live)
+
+    def user_state(self, user_id: str) -> dict[str, Any]:
+        m = self._model
+        idx, sources = self.history_of(m, user_id, None)
+        return {"user_id": user_id, "history": [m.item_ids[i] for i in idx], "live_events": sources.count("live"), "model_version": m.version}
+
+    # ---- model compute ------------------------------------------------------------------------
+    def _user_vectors(self, m: ServingModel, sequences: list[list[int]]) -> torch.Tensor:
+        """User vectors after each sequence's last item (each cut to the model's window)."""
+        window = m.bundle.max_seq_len
+        rows = [s[-window:] for s in sequences]
+        width = max(len(r) for r in rows)
+        items = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for n, r in enumerate(rows):
+            items[n, : len(r)] = torch.as_tensor(r)
+            mask[n, : len(r)] = True
+        with torch.no_grad():
+            return m.bundle.model.user_vectors(items, mask).float()
+
+    def recommend(
+        self,
+        user_id: str | None = None,
+        history: Sequence[str] | None = None,
+        k: int = 10,
+        exclude: Sequence[str] = (),
+        diversity: float = 0.0,
+        explain: bool = False,
+    ) -> dict[str, Any]:
+        m = self._model  # one snapshot for the whole request
+        with m.lock.read():
+            hist, _ = self.history_of(m, user_id, history)
+            if not hist:
+                raise ServiceError(422, "the history is empty", "history")
+            if not 1 <= k <= m.num_items:
+                raise ServiceError(422, f"k must be in [1, {m.num_items}] (the catalog's size), got {k}", "k")
+            seen = set(hist)
+            for n, item in enumerate(exclude):
+                i = m.index_of(str(item))
+                if i is None:
+                    raise ServiceError(404, f"unknown item_id {item!r}", f"exclude[{n}]")
+                seen.add(i)
+            user = self._user_vectors(m, [hist])[0].numpy()
+            depth = k if diversity <= 0 else min(m.num_items, max(4 * k, 50))
+            ids, inner = search_unseen(m.index, user[None], [np.fromiter(seen, dtype=np.int64)], depth)
+            keep = ids[0] >= 0
+            ids, inner = ids[0][keep], inner[0][keep]
+            if diversity > 0 and len(ids):
+                unit = m.vectors / np.maximum(np.linalg.norm(m.vectors, axis=1, keepdims=True), 1e-12)
+                order = mmr(ids, inner, unit, k, diversity)
+                ids, inner = ids[order], inner[order]
+            ids, inner = ids[:k], inner[:k]
+            temperature = float(m.bundle.model.temperature)
+            items = [{"item_id": m.item_ids[i], "score": float(s) / temperature, "title": m.titles[i]} for i, s in zip(ids, inner)]
+            if explain and items:
+                self._explain(m, hist, ids, inner, items)
+        return {"items": items, "model_version": m.version}
+
+    def _explain(self, m: ServingModel, hist: list[int], ids: np.ndarray, inner: np.ndarray, items: list[dict]) -> None:
+        """Occlusion: a recent history item's contribution to an item's score is how much the
+        score falls when that one item is left out of the history."""
+        window = min(self.explain_window, len(hist))
+        if window < 2:  # with one item, that item is the whole reason
+            for it in items:
+                it["because"] = [{"item_id": m.item_ids[hist[-1]], "title": m.titles[hist[-1]], "contribution": None}]
+                it["reason"] = self.reason_template.format(items=m.titles[hist[-1]])
+            return
+        positions = list(range(len(hist) - window, len(hist)))
+        without = [hist[:p] + hist[p + 1 :] for p in positions]
+        users = self._user_vectors(m, without).numpy()  # [window, d]
+        left_out = users @ m.vectors[ids].T  # [window, k] inner products without each item
+        drop = (inner[None, :] - left_out) / float(m.bundle.model.temperature)
+        for col, it in enumerate(items):
+            top = [r for r in np.argsort(-drop[:, col], kind="stable")[:2] if drop[r, col] > 0]
+            it["because"] = [{"item_id": m.item_ids[hist[positions[r]]], "title": m.titles[hist[positions[r]]], "contribution": float(drop[r, col])} for r in top]
+            titles = [b["title"] for b in it["because"]]
+            it["reason"] = self.reason_template.format(items=" and ".join(titles)) if titles else "Recommended for your overall taste"
+
+    def generate(
+        self,
+        user_id: str | None = None,
+        history: Sequence[str] | None = None,
+        length: int = 10,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        no_repeat: bool = True,
+        seed: int | None = None,
+        diversity: float = 0.0,
+    ) -> dict[str, Any]:
+        """A feed sampled item by item from the user tower's softmax over the catalog, each step
+        conditioned on the history plus what was generated so far."""
+        m = self._model
+        generator = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**63))
+        with m.lock.read():
+            hist, _ = self.history_of(m, user_id, history)
+            if not hist:
+                raise ServiceError(422, "the history is empty", "history")
+            banned = torch.zeros(m.num_items, dtype=torch.bool)
+            if no_repeat:
+                banned[hist] = True
+            if no_repeat and length > m.num_items - int(banned.sum()):
+                raise ServiceError(422, f"length {length} exceeds the {m.num_items - int(banned.sum())} items not yet seen", "length")
+            vectors = torch.from_numpy(m.vectors)
+            unit = torch.nn.functional.normalize(vectors, dim=1)
+            closest = torch.full((m.num_items,), -1.0)
+            sequence, out = list(hist), []
+            for _ in range(length):
+                logits = vectors @ self._user_vectors(m, [sequence])[0] / float(m.bundle.model.temperature)
+                if diversity > 0 and out:
+                    logits = logits - diversity * closest.clamp(min=0) * logits.std()
+                logits = logits.masked_fill(banned, float("-inf"))
+                if temperature == 0:
+                    pick = int(torch.argmax(logits))
+                    probs = torch.zeros_like(logits)
+                    probs[pick] = 1.0
+                else:
+                    probs = torch.softmax(logits / temperature, dim=0)
+                    if top_p < 1.0:
+                        sorted_p, order = torch.sort(probs, descending=True)
+                        cut = int(torch.searchsorted(torch.cumsum(sorted_p, 0), torch.tensor(top_p))) + 1
+                        nucleus = torch.zeros_like(probs)
+                        nucleus[order[:cut]] = probs[order[:cut]]
+                        probs = nucleus / nucleus.sum()
+                    pick = int(torch.multinomial(probs, 1, generator=generator))
+                out.append({"item_id": m.item_ids[pick], "title": m.titles[pick], "prob": float(probs[pick])})
+                sequence.append(pick)
+                if no_repeat:
+                    banned[pick] = True
+                closest = torch.maximum(closest, unit @ unit[pick])
+        return {"items": out, "model_version": m.version}
+
+    # ---- learning live --------------------------------------------------------------------------
+    def ingest(self, user_id: str, item_id: str, ts: float | None = None) -> dict[str, Any]:
+        """Record one event durably; the next request for this user reflects it."""
+        m = self._model
+        if m.index_of(item_id) is None:
+            raise ServiceError(404, f"unknown item_id {item_id!r}", "item_id")
+        record = self.log.append("event", user_id=user_id, item_id=item_id, ts=float(ts) if ts is not None else time.time())
+        self._remember(record)
+        self.events_ingested += 1
+        return {"offset": record["offset"], "user_id": user_id, "item_id": item_id}
+
+    def add_item(self, item_id: str, text: str, categories: Sequence[str] = (), title: str | None = None) -> dict[str, Any]:
+        """Encode a new item from its text and make it recommendable at once (durably logged)."""
+        with self._reload_lock:  # a reload in progress re-adds logged items; wait for it
+            m = self._model
+            if m.index_of(item_id) is not None:
+                raise ServiceError(409, f"item_id {item_id!r} is already in the catalog", "item_id")
+            if m.tokenizer is None or m.bundle.model.item_tower.encoder is None:
+                raise ServiceError(422, "this model has no text tower: it cannot score an item from its text", "text")
+            record = {"item_id": item_id, "text": text, "categories": list(categories), "title": title or text[:80]}
+            self._add_to_model(m, [record])  # fails before anything is logged if the text cannot be encoded
+            logged = self.log.append("item", **record)
+        return {"offset": logged["offset"], "item_id": item_id, "item_idx": m.index_of(item_id)}
+
+    def _add_to_model(self, m: ServingModel, records: list[dict[str, Any]]) -> None:
+        tower = m.bundle.model.item_tower
+        enc = m.tokenizer([r["text"] for r in records], padding="longest", truncation=True, max_length=m.max_text_tokens, return_tensors="pt")
+        with m.lock.write():
+            new = tower.add_items(enc["input_ids"], enc["attention_mask"])
+            with torch.no_grad():
+                vectors = m.bundle.model.item_vectors(new).float().numpy()
+            m.vectors = np.concatenate([m.vectors, vectors])
+            m.index.add(np.ascontiguousarray(vectors))
+            for r in records:
+                m._index_of[r["item_id"]] = len(m.item_ids)
+                m.item_ids.append(r["item_id"])
+                m.titles.append(r.get("title") or r["text"][:80])
+                m.categories.append(list(r.get("categories") or []))
+
+    def reload(self, bundle_path: str | Path | None = None) -> dict[str, Any]:
+        """Load a (newer) bundle beside the serving one, re-add the logged new items it lacks,
+        then swap: requests in flight finish on the old model, later ones use the new one."""
+        with self._reload_lock:
+            path = self.bundle_path
+            if bundle_path:
+                found = bundle_folder(bundle_path)
+                if found is None:
+                    raise ServiceError(404, f"{bundle_path}: no model bundle there (a bundle folder or a run folder holding bundle/)", "bundle")
+                path = found.resolve()
+            start = time.perf_counter()
+            try:
+                fresh = _load_serving_model(path)
+            except BundleError as e:  # the old model keeps serving
+                raise ServiceError(422, str(e), "bundle") from None
+            missing = [r for r in self.log.records() if r["kind"] == "item" and fresh.index_of(r["item_id"]) is None]
+            if missing:
+                self._add_to_model(fresh, missing)
+            old = self._model
+            self._model, self.bundle_path = fresh, path
+        log.info("reloaded %s: model version %d -> %d in %.1f s", path, old.version, fresh.version, time.perf_counter() - start)
+        return {"model_version": fresh.version, "previous_version": old.version, "bundle": str(path), "seconds": time.perf_counter() - start}
+
+    def health(self) -> dict[str, Any]:
+        m = self._model
+        return {
+            "status": "ok",
+            "bundle": str(self.bundle_path),
+            "model_version": m.version,
+            "model_age_seconds": model_age_seconds(m),
+            "serving_seconds": time.time() - m.loaded_at,
+            "items": m.num_items,
+            "known_users": len(m.bundle.users.user_ids),
+            "live_users": len(self._users),
+            "log_offset": self.log.next_offset,
+        }
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def model_age_seconds(m: ServingModel) -> float:
+    created = m.bundle.manifest.get("created")
+    if not created:
+        return math.nan
+    from datetime import datetime
+
+    return time.time() - datetime.fromisoformat(created).timestamp()

@@ -1,0 +1,291 @@
+"""The real-time service over real HTTP on loopback: a server process started as a user starts it
+(``python -m jobs.serve``) on a tiny trained bundle. Every loop here is bounded."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from inference.bundle import load_bundle
+from jobs import pipeline
+from tests.conftest import ROOT, TINY, compose_config
+
+MAX_BODY = 4096
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A ``jobs.serve`` process on loopback; stopped (killed if need be) by ``stop``."""
+
+    def __init__(self, root: Path, bundle: Path, state: Path, *extra: str, host: str = "127.0.0.1"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [
+            sys.executable, "-m", "jobs.serve", f"serve.bundle={bundle}", f"serve.port={self.port}", f"serve.host={host}",
+            f"serve.state_dir={state}", f"serve.max_body_bytes={MAX_BODY}", f"paths.root_dir={root}", "logger=none", *extra,
+        ]
+        env = {**os.environ, "WANDB_MODE": "disabled"}
+        env.pop("TOWERREC_ADMIN_TOKEN", None)
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def wait_ready(self, timeout: float = 120.0) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stdout.read()[-3000:]}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server did not answer /healthz")
+
+    def post(self, path: str, body: dict | None = None, **kw) -> requests.Response:
+        return requests.post(self.url + path, json=body, timeout=30, **kw)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A tiny pipeline trained once (local, no Ray): its folders and its bundle."""
+    root = tmp_path_factory.mktemp("serve")
+    cfg = compose_config("pipeline", [*TINY, "pretrain.max_epochs=2", "finetune.max_epochs=2", "data.batch_size=16", "pipeline.batch_infer=false", f"paths.output_dir={root}/pipeline"], root)
+    pipeline.run(cfg)
+    run = root / "pipeline"
+    return {"root": root, "run": run, "finetune": run / "finetune" / "bundle", "pretrain": run / "pretrain" / "bundle", "bundle": load_bundle(run / "finetune" / "bundle")}
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    s = Server(trained["root"], trained["run"], tmp_path_factory.mktemp("state")).wait_ready()
+    yield s
+    s.stop()
+
+
+def a_user(trained, n: int = 0) -> str:
+    return str(trained["bundle"].users.user_ids[n])
+
+
+def test_every_endpoint_answers(server, trained):
+    health = requests.get(server.url + "/healthz", timeout=10).json()
+    assert health["status"] == "ok" and health["items"] == 60 and health["known_users"] == 120
+    spec = requests.get(server.url + "/openapi.json", timeout=10).json()
+    assert {"/recommend", "/events", "/items", "/generate", "/admin/reload", "/healthz", "/metrics"} <= set(spec["paths"])
+    user = a_user(trained)
+    rec = server.post("/recommend", {"user_id": user, "k": 5, "explain": True}).json()
+    assert len(rec["items"]) == 5 and rec["model_version"] == 1
+    history = set(trained["bundle"].catalog.item_ids[trained["bundle"].users.histories[0]])
+    assert not {it["item_id"] for it in rec["items"]} & history  # seen items are excluded
+    assert all(it["title"] and np.isfinite(it["score"]) for it in rec["items"])
+    scores = [it["score"] for it in rec["items"]]
+    assert scores == sorted(scores, reverse=True)
+    for it in rec["items"]:  # explanations name history items, from their titles
+        assert it["because"] and all(b["item_id"] in history and b["contribution"] > 0 for b in it["because"])
+        assert it["reason"].startswith("Because you watched ") and it["because"][0]["title"] in it["reason"]
+    assert server.post("/events", {"user_id": "someone-new", "item_id": "i3"}).status_code == 200
+    assert requests.get(server.url + "/users/someone-new", timeout=10).json()["history"] == ["i3"]
+    assert len(server.post("/recommend", {"user_id": "someone-new", "k": 3}).json()["items"]) == 3  # served from its events
+    feed = server.post("/generate", {"user_id": user, "length": 4, "seed": 1}).json()
+    assert len(feed["items"]) == 4 and all(0 < it["prob"] <= 1 for it in feed["items"])
+    metrics = requests.get(server.url + "/metrics", timeout=10).text
+    assert 'towerrec_requests_total{endpoint="/recommend",status="200"}' in metrics
+    assert "towerrec_request_seconds_bucket" in metrics and "towerrec_model_version 1.0" in metrics
+    assert "towerrec_events_ingested_total 1.0" in metrics
+
+
+BAD = [
+    ("/recommend", {"user_id": "nobody-at-all"}, 404, "user_id"),
+    ("/recommend", {"history": ["i1", "no-such-item"]}, 404, "history[1]"),
+    ("/recommend", {"history": []}, 422, "history"),
+    ("/recommend", {}, 422, "user_id"),
+    ("/recommend", {"history": ["i1"], "k": 0}, 422, "k"),
+    ("/recommend", {"history": ["i1"], "k": 61}, 422, "k"),
+    ("/recommend", {"history": ["i1"], "k": "5"}, 422, "k"),
+    ("/recommend", {"history": "i1"}, 422, "history"),
+    ("/recommend", {"history": ["i1"], "diversity": 1.5}, 422, "diversity"),
+    ("/recommend", {"history": ["i1"], "exclude": ["zzz"]}, 404, "exclude[0]"),
+    ("/recommend", {"history": ["i1"], "colour": "red"}, 422, "colour"),
+    ("/events", {"user_id": "u", "item_id": "no-such-item"}, 404, "item_id"),
+    ("/events", {"user_id": "u"}, 422, "item_id"),
+    ("/events", {"user_id": 7, "item_id": "i1"}, 422, "user_id"),
+    ("/items", {"item_id": "i1", "text": "again"}, 409, "item_id"),
+    ("/items", {"item_id": "x", "text": ""}, 422, "text"),
+    ("/generate", {"history": ["i1"], "top_p": 0}, 422, "top_p"),
+    ("/generate", {"history": ["i1"], "length": 60}, 422, "length"),
+    ("/generate", {"history": ["i1"], "temperature": -1}, 422, "temperature"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,field", BAD, ids=[f"{p}-{f}-{s}" for p, _, s, f in BAD])
+def test_bad_input_is_refused_naming_the_field_and_changes_nothing(server, path, body, status, field):
+    before = requests.get(server.url + "/healthz", timeout=10).json()
+    r = server.post(path, body)
+    assert r.status_code == status, r.text
+    assert r.json()["field"] == field and r.json()["error"]
+    after = requests.get(server.url + "/healthz", timeout=10).json()
+    assert (after["log_offset"], after["items"], after["live_users"]) == (before["log_offset"], before["items"], before["live_users"])
+
+
+def test_malformed_and_oversized_bodies(server):
+    r = requests.post(server.url + "/recommend", data=b'{"history": ["i1"', headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 400 and r.json()["field"] == "body" and "malformed JSON" in r.json()["error"]
+    r = requests.post(server.url + "/events", data=json.dumps({"user_id": "x" * MAX_BODY, "item_id": "i1"}), headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 413 and r.json()["field"] == "body"
+    chunks = (b"x" * 1024 for _ in range(8))  # no Content-Length: counted as it streams in
+    r = requests.post(server.url + "/events", data=chunks, headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 413
+    assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_an_event_changes_the_next_recommendation(server, trained):
+    user = a_user(trained, 5)
+    before = {it["item_id"]: it["score"] for it in server.post("/recommend", {"user_id": user, "k": 20}).json()["items"]}
+    watched = list(before)[:2]
+    for item in watched:
+        assert server.post("/events", {"user_id": user, "item_id": item}).status_code == 200
+    after = {it["item_id"]: it["score"] for it in server.post("/recommend", {"user_id": user, "k": 20}).json()["items"]}
+    assert not set(watched) & set(after)  # now seen
+    common = set(before) & set(after)
+    assert common and any(abs(before[i] - after[i]) > 1e-4 for i in common)  # the user's vector moved
+
+
+def test_a_new_item_is_recommendable_at_once_from_its_text(server, trained):
+    catalog = trained["bundle"].catalog
+    text = catalog.texts[7].replace("#7", "#new")  # the words of an existing item
+    r = server.post("/items", {"item_id": "fresh-1", "text": text, "categories": catalog.categories[7]})
+    assert r.status_code == 200 and r.json()["item_idx"] == 60
+    everything = server.post("/recommend", {"history": ["i1", "i2"], "k": 59}).json()["items"]
+    assert "fresh-1" in [it["item_id"] for it in everything]
+    assert server.post("/events", {"user_id": "fan", "item_id": "fresh-1"}).status_code == 200  # it can be consumed too
+    assert server.post("/recommend", {"user_id": "fan", "k": 3}).status_code == 200
+
+
+def test_generate_respects_no_repeat_and_a_seed(server, trained):
+    user = a_user(trained, 3)
+    history = set(trained["bundle"].catalog.item_ids[trained["bundle"].users.histories[3]])
+    body = {"user_id": user, "length": 12, "temperature": 1.0, "top_p": 0.95, "seed": 42}
+    first = [it["item_id"] for it in server.post("/generate", body).json()["items"]]
+    again = [it["item_id"] for it in server.post("/generate", body).json()["items"]]
+    other = [it["item_id"] for it in server.post("/generate", body | {"seed": 43}).json()["items"]]
+    assert first == again and first != other
+    assert len(set(first)) == 12 and not set(first) & history
+    greedy = [it["item_id"] for it in server.post("/generate", {"user_id": user, "length": 1, "temperature": 0}).json()["items"]]
+    assert greedy == [server.post("/recommend", {"user_id": user, "k": 1}).json()["items"][0]["item_id"]]
+
+
+def test_mmr_raises_intra_list_diversity_as_the_knob_rises(server, trained):
+    vectors = trained["bundle"].model.catalog_vectors().numpy()
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = {str(i): n for n, i in enumerate(trained["bundle"].catalog.item_ids)}
+
+    def ild(items: list[str]) -> float:
+        v = unit[[index[i] for i in items if i in index]]  # items added live by other tests are left out
+        sims = v @ v.T
+        return float(1 - sims[np.triu_indices(len(v), 1)].mean())
+
+    knobs = [0.0, 0.3, 0.7, 1.0]
+    means = []
+    for knob in knobs:
+        lists = [server.post("/recommend", {"user_id": a_user(trained, n), "k": 10, "diversity": knob}).json()["items"] for n in range(10)]
+        means.append(np.mean([ild([it["item_id"] for it in items]) for items in lists]))
+    assert all(b >= a - 1e-6 for a, b in zip(means, means[1:])), means
+    assert means[-1] > means[0] + 0.05, means
+
+
+def test_reload_under_concurrent_load_fails_no_request(trained, tmp_path):
+    s = Server(trained["root"], trained["run"], tmp_path / "state").wait_ready()
+    try:
+        user = a_user(trained, 1)
+        errors, done = [], []
+        stop = threading.Event()
+
+        def client() -> None:
+            for _ in range(400):  # bounded
+                if stop.is_set():
+                    return
+                try:
+                    r = s.post("/recommend", {"user_id": user, "k": 5})
+                    (done if r.status_code == 200 else errors).append(r.status_code)
+                except requests.RequestException as e:
+                    errors.append(repr(e))
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        before = s.post("/recommend", {"user_id": user, "k": 5}).json()["items"]
+        r = s.post("/admin/reload", {"bundle": str(trained["pretrain"])})
+        assert r.status_code == 200, r.text
+        after = s.post("/recommend", {"user_id": user, "k": 5}).json()["items"]
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == [] and len(done) > 20
+        assert [it["score"] for it in before] != [it["score"] for it in after]  # another model answers now
+        assert requests.get(s.url + "/healthz", timeout=10).json()["bundle"] == str(trained["pretrain"].resolve())
+    finally:
+        s.stop()
+
+
+def test_kill_9_loses_no_acknowledged_event(trained, tmp_path):
+    state = tmp_path / "state"
+    s = Server(trained["root"], trained["run"], state).wait_ready()
+    try:
+        acked = []
+        for n in range(25):
+            item = f"i{(n * 7) % 60}"
+            if s.post("/events", {"user_id": "crash-test", "item_id": item}).status_code == 200:
+                acked.append(item)
+        assert s.post("/items", {"item_id": "kept-item", "text": "plough sheep wheat"}).status_code == 200
+        assert s.post("/events", {"user_id": "crash-test", "item_id": "kept-item"}).status_code == 200
+        acked.append("kept-item")
+    finally:
+        s.stop(signal.SIGKILL)
+    again = Server(trained["root"], trained["run"], state).wait_ready()
+    try:
+        history = requests.get(again.url + "/users/crash-test", timeout=10).json()["history"]
+        assert history == acked
+        assert again.post("/recommend", {"history": ["kept-item"], "k": 2}).status_code == 200
+    finally:
+        again.stop()
+
+
+def test_admin_needs_a_token_off_loopback(trained, tmp_path):
+    refused = Server(trained["root"], trained["run"], tmp_path / "a", host="0.0.0.0")
+    out, _ = refused.proc.communicate(timeout=120)
+    assert refused.proc.returncode != 0 and "serve.admin_token" in out
+    guarded = Server(trained["root"], trained["run"], tmp_path / "b", "serve.admin_token=s3cret", host="0.0.0.0").wait_ready()
+    try:
+        body = {"item_id": "guarded", "text": "barn sheep"}
+        assert guarded.post("/items", body).status_code == 401
+        assert guarded.post("/items", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert guarded.post("/admin/reload", {}).status_code == 401
+        assert guarded.post("/items", body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert guarded.post("/recommend", {"history": ["i1"], "k": 2}).status_code == 200  # reading needs no token
+    finally:
+        guarded.stop()
