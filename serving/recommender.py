@@ -11,7 +11,6 @@ import logging
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import torch
 
 from inference.bundle import BundleError, ModelBundle, bundle_folder, load_bundle
 from inference.faiss_index import build_index, search_unseen
-from serving.event_log import EventLog
+from serving.live_state import LiveState
 
 log = logging.getLogger(__name__)
 
@@ -156,49 +155,39 @@ class Recommender:
     def __init__(
         self,
         bundle_path: str | Path,
-        state_dir: str | Path,
+        state_dir: str | Path | None = None,
         max_history: int = 500,
         explain_window: int = 10,
         reason_template: str = "Because you watched {items}",
         fsync: bool = True,
+        state: Any = None,
     ):
-        self.max_history = max_history
+        """``state``: a shared ``LiveState`` (or its Ray proxy); else one over ``state_dir``."""
         self.explain_window = explain_window
         self.reason_template = reason_template
         self.bundle_path = Path(bundle_path)
+        self.state = state if state is not None else LiveState(state_dir, max_history, fsync)
         self._model = _load_serving_model(self.bundle_path)
-        self._users: dict[str, deque[tuple[int, str]]] = {}  # live events per user: (offset, item_id)
-        self._users_lock = threading.Lock()
         self._reload_lock = threading.Lock()
-        self.log = EventLog(state_dir, fsync=fsync)
-        self.events_ingested = 0
-        self._replay()
+        self._synced = 0  # item records before this log offset are in the serving model
+        self._sync_items()
 
     # ---- state ------------------------------------------------------------------------------
     @property
     def model(self) -> ServingModel:
         return self._model
 
-    def _replay(self) -> None:
-        """Re-apply the durable log: new items first appear where they were added, then events."""
-        items = events = 0
-        for record in self.log.records():
-            if record["kind"] == "item":
-                if self._model.index_of(record["item_id"]) is None:
-                    self._add_to_model(self._model, [record])
-                items += 1
-            elif record["kind"] == "event":
-                self._remember(record)
-                events += 1
-        if items or events:
-            log.info("replayed %d new item(s) and %d event(s) from %s", items, events, self.log.path)
-
-    def _remember(self, record: dict[str, Any]) -> None:
-        with self._users_lock:
-            live = self._users.get(record["user_id"])
-            if live is None:
-                live = self._users[record["user_id"]] = deque(maxlen=self.max_history)
-            live.append((record["offset"], record["item_id"]))
+    def _sync_items(self) -> None:
+        """Add the items logged (by this process or another replica) that the model lacks."""
+        if not self.state.items_since(self._synced):  # the common case: nothing new, no lock taken
+            return
+        with self._reload_lock:
+            records = self.state.items_since(self._synced)
+            missing = [r for r in records if self._model.index_of(r["item_id"]) is None]
+            if missing:
+                self._add_to_model(self._model, missing)
+            if records:
+                self._synced = records[-1]["offset"] + 1
 
     def history_of(self, m: ServingModel, user_id: str | None, history: Sequence[str] | None) -> tuple[list[int], list[str]]:
         """(item indices, where each came from) of a request's history: ``history`` if given,
@@ -217,8 +206,7 @@ class Recommender:
         u = m.bundle.users.index_of(user_id)
         if u is not None:
             stored = m.bundle.users.histories[u].tolist()
-        with self._users_lock:
-            live = [item for offset, item in self._users.get(user_id, ()) if offset >= m.consumed_offset]
+        live = [item for offset, item in self.state.live_events(user_id) if offset >= m.consumed_offset]
         if u is None and not live:
             raise ServiceError(404, f"unknown user_id {user_id!r}: no stored history and no ingested event; send events or a history", "user_id")
         idx = stored + [m.index_of(item) for item in live]
@@ -252,6 +240,7 @@ class Recommender:
         diversity: float = 0.0,
         explain: bool = False,
     ) -> dict[str, Any]:
+        self._sync_items()
         m = self._model  # one snapshot for the whole request
         with m.lock.read():
             hist, _ = self.history_of(m, user_id, history)
@@ -314,6 +303,7 @@ class Recommender:
     ) -> dict[str, Any]:
         """A feed sampled item by item from the user tower's softmax over the catalog, each step
         conditioned on the history plus what was generated so far."""
+        self._sync_items()
         m = self._model
         generator = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**63))
         with m.lock.read():
@@ -357,26 +347,25 @@ class Recommender:
     # ---- learning live --------------------------------------------------------------------------
     def ingest(self, user_id: str, item_id: str, ts: float | None = None) -> dict[str, Any]:
         """Record one event durably; the next request for this user reflects it."""
-        m = self._model
-        if m.index_of(item_id) is None:
+        self._sync_items()
+        if self._model.index_of(item_id) is None:
             raise ServiceError(404, f"unknown item_id {item_id!r}", "item_id")
-        record = self.log.append("event", user_id=user_id, item_id=item_id, ts=float(ts) if ts is not None else time.time())
-        self._remember(record)
-        self.events_ingested += 1
+        record = self.state.append("event", user_id=user_id, item_id=item_id, ts=float(ts) if ts is not None else time.time())
         return {"offset": record["offset"], "user_id": user_id, "item_id": item_id}
 
     def add_item(self, item_id: str, text: str, categories: Sequence[str] = (), title: str | None = None) -> dict[str, Any]:
         """Encode a new item from its text and make it recommendable at once (durably logged)."""
-        with self._reload_lock:  # a reload in progress re-adds logged items; wait for it
+        self._sync_items()
+        with self._reload_lock:  # one writer of new items at a time; a reload waits for it
             m = self._model
             if m.index_of(item_id) is not None:
                 raise ServiceError(409, f"item_id {item_id!r} is already in the catalog", "item_id")
             if m.tokenizer is None or m.bundle.model.item_tower.encoder is None:
                 raise ServiceError(422, "this model has no text tower: it cannot score an item from its text", "text")
             record = {"item_id": item_id, "text": text, "categories": list(categories), "title": title or text[:80]}
-            self._add_to_model(m, [record])  # fails before anything is logged if the text cannot be encoded
-            logged = self.log.append("item", **record)
-        return {"offset": logged["offset"], "item_id": item_id, "item_idx": m.index_of(item_id)}
+            logged = self.state.append("item", **record)  # durable first, then served
+        self._sync_items()
+        return {"offset": logged["offset"], "item_id": item_id, "item_idx": self._model.index_of(item_id)}
 
     def _add_to_model(self, m: ServingModel, records: list[dict[str, Any]]) -> None:
         tower = m.bundle.model.item_tower
@@ -408,7 +397,7 @@ class Recommender:
                 fresh = _load_serving_model(path)
             except BundleError as e:  # the old model keeps serving
                 raise ServiceError(422, str(e), "bundle") from None
-            missing = [r for r in self.log.records() if r["kind"] == "item" and fresh.index_of(r["item_id"]) is None]
+            missing = [r for r in self.state.items_since(0) if fresh.index_of(r["item_id"]) is None]
             if missing:
                 self._add_to_model(fresh, missing)
             old = self._model
@@ -418,7 +407,7 @@ class Recommender:
 
     def health(self) -> dict[str, Any]:
         m = self._model
-        return {
+        return self.state.stats() | {
             "status": "ok",
             "bundle": str(self.bundle_path),
             "model_version": m.version,
@@ -426,12 +415,10 @@ class Recommender:
             "serving_seconds": time.time() - m.loaded_at,
             "items": m.num_items,
             "known_users": len(m.bundle.users.user_ids),
-            "live_users": len(self._users),
-            "log_offset": self.log.next_offset,
         }
 
     def close(self) -> None:
-        self.log.close()
+        self.state.close()
 
 
 def model_age_seconds(m: ServingModel) -> float:

@@ -79,7 +79,7 @@ def run_serve(cfg: DictConfig) -> dict[str, float]:
         app = create_app(service, token, cfg.serve.max_body_bytes)
         say(
             "serve: %s (model version %d, %d items, %d known users; log %s, offset %d)",
-            bundle, health["model_version"], health["items"], health["known_users"], service.log.path, health["log_offset"],
+            bundle, health["model_version"], health["items"], health["known_users"], health["log"], health["log_offset"],
         )
         say("serve: listening on http://%s:%d (API description: /docs, /openapi.json; logs in %s)", cfg.serve.host, cfg.serve.port, run_dir / "run.log")
         try:

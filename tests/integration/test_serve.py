@@ -51,7 +51,7 @@ class Server:
             try:
                 if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or a proxy waiting for its replicas
                 pass
             time.sleep(0.2)
         raise TimeoutError("server did not answer /healthz")
@@ -289,3 +289,19 @@ def test_admin_needs_a_token_off_loopback(trained, tmp_path):
         assert guarded.post("/recommend", {"history": ["i1"], "k": 2}).status_code == 200  # reading needs no token
     finally:
         guarded.stop()
+
+
+def test_ray_serve_replicas_share_events_and_new_items(trained, tmp_path):
+    s = Server(trained["root"], trained["run"], tmp_path / "state", "serve.backend=ray", "serve.replicas=2", "cluster.num_cpus=2").wait_ready(timeout=180)
+    try:
+        assert s.post("/events", {"user_id": "ray-user", "item_id": "i9"}).status_code == 200
+        assert s.post("/items", {"item_id": "ray-item", "text": "barn plough sheep"}).status_code == 200
+        for _ in range(8):  # requests spread over both replicas: each sees the event and the item
+            assert requests.get(s.url + "/users/ray-user", timeout=30).json()["history"] == ["i9"]
+            items = [it["item_id"] for it in s.post("/recommend", {"user_id": "ray-user", "k": 60}).json()["items"]]
+            assert "ray-item" in items and "i9" not in items
+        assert s.post("/recommend", {"user_id": "ray-user", "k": 0}).status_code == 422
+    finally:
+        s.stop(signal.SIGINT)
+    log = [json.loads(line) for line in (tmp_path / "state" / "log.jsonl").read_text().splitlines()]
+    assert [(r["offset"], r["kind"]) for r in log] == [(0, "event"), (1, "item")]

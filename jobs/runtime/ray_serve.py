@@ -1,0 +1,58 @@
+"""``serve.backend=ray``: the same FastAPI app as a Ray Serve deployment of ``serve.replicas``
+replicas behind Ray Serve's HTTP proxy. The replicas share one live state (the durable log and
+the users' live events) held by a Ray actor, so any replica's answer reflects every event and
+new item acknowledged by any other."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from omegaconf import DictConfig
+
+from jobs.runtime.console import say
+from jobs.runtime.ray_cluster import ray_session
+
+log = logging.getLogger(__name__)
+
+STATE_ACTOR = "towerrec-live-state"
+
+
+def app_builder(options: dict[str, Any], state_actor, admin_token: str | None, max_body_bytes: int):
+    """What each replica runs once: its own model, the shared live state, the app."""
+
+    def build():
+        from serving.app import create_app
+        from serving.live_state import RemoteLiveState
+        from serving.recommender import Recommender
+
+        service = Recommender(**{k: v for k, v in options.items() if k not in ("state_dir", "max_history", "fsync")}, state=RemoteLiveState(state_actor))
+        return create_app(service, admin_token, max_body_bytes)
+
+    return build
+
+
+def serve_on_ray(cfg: DictConfig, options: dict[str, Any], admin_token: str | None) -> None:
+    """Run the deployment until SIGINT/SIGTERM; shuts down what it started."""
+    import ray
+    from ray import serve
+
+    from serving.live_state import LiveState
+
+    v = cfg.serve
+    with ray_session(cfg):
+        state_actor = ray.remote(LiveState).options(name=STATE_ACTOR, num_cpus=0, max_concurrency=64).remote(options["state_dir"], options["max_history"], options["fsync"])
+        stats = ray.get(state_actor.stats.remote())
+        serve.start(http_options={"host": v.host, "port": v.port})
+        ingress = serve.ingress(app_builder(options, state_actor, admin_token, v.max_body_bytes))()
+        deployment = serve.deployment(ingress, name="towerrec", num_replicas=v.replicas, ray_actor_options={"num_cpus": 0})
+        serve.run(deployment.bind(), name="towerrec", route_prefix="/")
+        say("serve: %s on Ray Serve, %d replica(s) (log %s, offset %d)", options["bundle_path"], v.replicas, stats["log"], stats["log_offset"])
+        say("serve: listening on http://%s:%d (API description: /docs, /openapi.json)", v.host, v.port)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        serve.shutdown()
+        ray.get(state_actor.close.remote())
