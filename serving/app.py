@@ -128,6 +128,7 @@ def create_app(service: Recommender, admin_token: str | None = None, max_body_by
     version = Gauge("towerrec_model_version", "version of the model being served", registry=registry)
     age = Gauge("towerrec_model_age_seconds", "seconds since the served model's bundle was written", registry=registry)
     catalog = Gauge("towerrec_catalog_items", "items the service can recommend", registry=registry)
+    updates = Gauge("towerrec_updates", "incremental updates by outcome since the service started", ["outcome"], registry=registry)
     app.state.service = service
 
     @app.middleware("http")
@@ -173,6 +174,9 @@ def create_app(service: Recommender, admin_token: str | None = None, max_body_by
         version.set(m.version)
         age.set(model_age_seconds(m))
         catalog.set(m.num_items)
+        for outcome in ("updates", "failures", "running"):
+            if outcome in service.update_stats:
+                updates.labels(outcome).set(service.update_stats[outcome])
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
     @app.post("/recommend")

@@ -170,6 +170,7 @@ class Recommender:
         self._model = _load_serving_model(self.bundle_path)
         self._reload_lock = threading.Lock()
         self._synced = 0  # item records before this log offset are in the serving model
+        self.update_stats: dict[str, float] = {}  # filled by a scheduler of incremental updates, if any
         self._sync_items()
 
     # ---- state ------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ class Recommender:
             "serving_seconds": time.time() - m.loaded_at,
             "items": m.num_items,
             "known_users": len(m.bundle.users.user_ids),
-        }
+        } | {f"update_{k}": v for k, v in self.update_stats.items()}
 
     def close(self) -> None:
         self.state.close()

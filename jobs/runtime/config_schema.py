@@ -272,6 +272,15 @@ class ServeBackend(str, Enum):
 
 
 @dataclass
+class ServeUpdateConfig:
+    """Incremental updates run by the service itself, then hot-reloaded."""
+
+    every_events: Optional[int] = None  # run jobs.update once this many records were logged since the last one
+    every_seconds: Optional[float] = None  # or this often (when anything was logged)
+    overrides: list[str] = field(default_factory=list)  # extra overrides for jobs.update (hardware, strategy, update.*)
+
+
+@dataclass
 class ServeConfig:
     """The real-time service (jobs.serve)."""
 
@@ -292,6 +301,23 @@ class ServeConfig:
     max_body_bytes: int = 1048576
     fsync: bool = True  # every acknowledged event is on disk before the reply
     torch_threads: Optional[int] = None  # null: torch's default
+    update: ServeUpdateConfig = field(default_factory=ServeUpdateConfig)
+
+
+@dataclass
+class UpdateConfig:
+    """jobs.update: warm-start from a bundle, fine-tune on what the service logged since it."""
+
+    # the bundle to continue from: a run folder, an update run, a bundle folder, or 'latest'
+    # (the newest update, else finetune, run of experiment_name)
+    bundle: str = "latest"
+    state_dir: Optional[str] = None  # the service's log; null: <outputs_root>/serve/state
+    max_epochs: int = 2
+    lr: float = 2.0e-4
+    # share of the users without new events whose histories are trained on again (against forgetting)
+    replay_fraction: float = 1.0
+    min_events: int = 1  # fewer new events (and no new item): nothing to do
+    result_file: Optional[str] = None  # where to write {"bundle": ..., "noop": ...} (the service's scheduler reads it)
 
 
 @dataclass
@@ -332,7 +358,7 @@ class SweepConfig:
 
 @dataclass
 class JobConfig:
-    job: str = MISSING  # pretrain | finetune | evaluate | batch_infer | pipeline | sweep | serve
+    job: str = MISSING  # pretrain | finetune | evaluate | batch_infer | pipeline | sweep | serve | update
     experiment_name: str = "default"
     launcher: Launcher = Launcher.ray
     # Ray run name; a run started again with the same name resumes from its latest checkpoint.
@@ -361,6 +387,7 @@ class JobConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
 
 
 def register() -> None:
@@ -452,6 +479,16 @@ def validate(cfg: DictConfig) -> None:
         _validate_sweep(cfg, fail)
     if cfg.job == "serve":
         _validate_serve(cfg, fail)
+    if cfg.job == "update":
+        u = cfg["update"]
+        if u.max_epochs < 1:
+            fail("update.max_epochs", f"must be >= 1, got {u.max_epochs}")
+        if u.lr <= 0:
+            fail("update.lr", f"must be > 0, got {u.lr}")
+        if not 0.0 <= u.replay_fraction <= 1.0:
+            fail("update.replay_fraction", f"must be in [0, 1], got {u.replay_fraction}")
+        if u.min_events < 0:
+            fail("update.min_events", f"must be >= 0, got {u.min_events}")
 
 
 def _validate_serve(cfg: DictConfig, fail) -> None:
@@ -463,6 +500,11 @@ def _validate_serve(cfg: DictConfig, fail) -> None:
             fail(key, f"must be >= {low}, got {value}")
     if "{items}" not in v.reason_template:
         fail("serve.reason_template", "must contain '{items}' (where the titles go)")
+    schedule = v["update"]
+    if schedule.every_events is not None and schedule.every_events < 1:
+        fail("serve.update.every_events", f"must be >= 1 or null, got {schedule.every_events}")
+    if schedule.every_seconds is not None and schedule.every_seconds <= 0:
+        fail("serve.update.every_seconds", f"must be > 0 or null, got {schedule.every_seconds}")
 
 
 def _validate_reader(cfg: DictConfig, fail) -> None:

@@ -76,7 +76,7 @@ def find_latest_run(outputs_root: str | Path, job: str, experiment_name: str) ->
     """Newest ``<outputs_root>/<job>/<date>/<time>`` folder (or ``<job>`` stage of a pipeline run) of
     this experiment with a model bundle."""
     root = Path(outputs_root) / job
-    candidates = [p.parent.parent for p in root.glob(f"*/*/{BUNDLE_DIR}/{MANIFEST}")]
+    candidates = [p.parent.parent for pattern in (f"*/*/{BUNDLE_DIR}/{MANIFEST}", f"*/{BUNDLE_DIR}/{MANIFEST}") for p in root.glob(pattern)]
     candidates += [p.parent.parent for p in (Path(outputs_root) / "pipeline").glob(f"*/*/{job}/{BUNDLE_DIR}/{MANIFEST}")]
     candidates = [c for c in candidates if _experiment_of(c) == experiment_name]
     if not candidates:

@@ -75,6 +75,13 @@ def run_serve(cfg: DictConfig) -> dict[str, float]:
         from serving.recommender import Recommender
 
         service = Recommender(**options)
+        scheduler = None
+        if cfg.serve["update"].every_events or cfg.serve["update"].every_seconds:
+            from jobs.runtime.update_schedule import UpdateScheduler
+
+            scheduler = UpdateScheduler(service, cfg, options["state_dir"], run_dir)
+            scheduler.start()
+            say("serve: incremental updates every %s", f"{cfg.serve['update'].every_events} logged records" if cfg.serve["update"].every_events else f"{cfg.serve['update'].every_seconds} s")
         health = service.health()
         app = create_app(service, token, cfg.serve.max_body_bytes)
         say(
@@ -85,5 +92,7 @@ def run_serve(cfg: DictConfig) -> dict[str, float]:
         try:
             uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning", access_log=False)
         finally:
+            if scheduler is not None:
+                scheduler.stop()
             service.close()
     return {}
