@@ -6,8 +6,10 @@
 Starts ``python -m jobs.serve`` on the bundle (127.0.0.1, a free port, a fresh state folder)
 and drives it from this process, open loop: at each fixed rate, requests are sent on a fixed
 schedule for ``--seconds`` seconds, and each latency is counted from its scheduled send time
-(so queueing in the client or the server is included). Endpoints: /recommend (plain, with
-explain, with diversity 0.5) and /events (durable: fsync before the reply). Rates stop rising
+(so queueing in the client or the server is included). Endpoints: /recommend for known users
+(after one warm-up pass over them: their vectors are then cached until their next event),
+/recommend with a fresh random history every time (every request runs the user tower), with
+explain, with diversity 0.5, and /events (durable: fsync before the reply). Rates stop rising
 for an endpoint once its p99 passes 50 ms. The floor is the bare in-process cost of one user
 tower forward plus one index search, measured here on the same bundle. ``--ray`` also measures
 /recommend through Ray Serve's proxy (one replica). Prints a markdown table, writes JSON and a
@@ -187,8 +189,11 @@ def main() -> None:
     rng = random.Random(0)
     users = [str(u) for u in b.users.user_ids]
     items = [str(i) for i in b.catalog.item_ids]
+    hist_rng = random.Random(1)
+    fresh = [{"history": hist_rng.sample(items, hist_rng.randint(5, 50)), "k": 10} for _ in range(20_000)]
     endpoints = [
         ("recommend", "/recommend", [{"user_id": u, "k": 10} for u in users]),
+        ("recommend (uncached)", "/recommend", fresh),
         ("recommend+explain", "/recommend", [{"user_id": u, "k": 10, "explain": True} for u in users]),
         ("recommend+diversity", "/recommend", [{"user_id": u, "k": 10, "diversity": 0.5} for u in users]),
         ("events", "/events", [{"user_id": f"bench-{rng.randrange(10_000)}", "item_id": rng.choice(items)} for _ in range(5000)]),
@@ -200,6 +205,7 @@ def main() -> None:
         for backend in ["local"] + (["ray"] if args.ray else []):
             proc, url = start_server(bundle, Path(tmp) / backend / "state", backend)
             try:
+                asyncio.run(drive(url, "/recommend", endpoints[0][2], 100, len(users) / 100))  # warm-up: every known user once
                 for name, path, bodies in endpoints if backend == "local" else endpoints[:1]:
                     label = name if backend == "local" else f"{name} (Ray Serve)"
                     rows += run_endpoint(url, label, path, bodies, args.rates, args.seconds)

@@ -146,15 +146,18 @@ class ItemTower(nn.Module):
                 layer.requires_grad_(True)
 
     def train(self, mode: bool = True) -> "ItemTower":
-        """A fully frozen encoder stays in eval mode (no dropout), whatever the tower's mode."""
+        """A fully frozen encoder stays in eval mode (no dropout), whatever the tower's mode.
+        (Whether it is frozen is read here: after changing ``requires_grad`` by hand, call
+        ``train()`` or ``eval()`` again.)"""
         super().train(mode)
-        if self.encoder is not None and self.encoder_frozen:
+        self._frozen = self.encoder is not None and not any(p.requires_grad for p in self.encoder.parameters())
+        if self._frozen:
             self.encoder.eval()
         return self
 
     @property
     def encoder_frozen(self) -> bool:
-        return self.encoder is not None and not any(p.requires_grad for p in self.encoder.parameters())
+        return self._frozen
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":

@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,59 @@ class ServiceError(Exception):
     def __init__(self, status: int, message: str, field: str | None = None):
         super().__init__(message)
         self.status, self.message, self.field = status, message, field
+
+
+class Batcher:
+    """Runs the user tower for concurrent requests together: one thread takes every pending
+    request (up to ``max_batch`` histories) and computes them in one forward pass, so requests
+    share the model's per-call overhead and never compete for the cores or the GIL."""
+
+    def __init__(self, compute, max_batch: int = 64):
+        import queue
+
+        self.compute, self.max_batch = compute, max_batch
+        self.queue: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
+        self.batches = self.rows = 0
+        threading.Thread(target=self._loop, name="towerrec-batcher", daemon=True).start()
+
+    def submit(self, m: "ServingModel", histories: list[list[int]]) -> np.ndarray:
+        """[len(histories), d] user vectors; blocks until computed."""
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        self.queue.put((m, histories, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        import queue
+
+        while True:
+            pending = [self.queue.get()]
+            rows = len(pending[0][1])
+            while rows < self.max_batch:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                pending.append(item)
+                rows += len(item[1])
+            by_model: dict[int, list[tuple]] = {}
+            for item in pending:
+                by_model.setdefault(id(item[0]), []).append(item)
+            for group in by_model.values():
+                histories = [h for _, hs, _ in group for h in hs]
+                try:
+                    vectors = self.compute(group[0][0], histories)
+                except Exception as e:  # noqa: BLE001 - handed to every waiting request, which raises it
+                    for _, _, future in group:
+                        future.set_exception(e)
+                    continue
+                self.batches += 1
+                self.rows += len(histories)
+                start = 0
+                for _, hs, future in group:
+                    future.set_result(vectors[start : start + len(hs)])
+                    start += len(hs)
 
 
 class ReadWriteLock:
@@ -106,6 +160,7 @@ def _load_serving_model(path: str | Path) -> ServingModel:
     model = bundle.model
     for p in model.parameters():
         p.requires_grad_(False)
+    model.eval()  # frozen now: the item tower serves text encodings from its cache
     with torch.no_grad():
         vectors = model.catalog_vectors().float().numpy()  # also fills the frozen text caches
     item_ids = [str(i) for i in bundle.catalog.item_ids]
@@ -161,9 +216,17 @@ class Recommender:
         reason_template: str = "Because you watched {items}",
         fsync: bool = True,
         state: Any = None,
+        user_cache_size: int = 100_000,
     ):
-        """``state``: a shared ``LiveState`` (or its Ray proxy); else one over ``state_dir``."""
+        """``state``: a shared ``LiveState`` (or its Ray proxy); else one over ``state_dir``.
+        ``user_cache_size``: user vectors kept, keyed by model snapshot and the history window
+        the user tower reads (an event or a reload changes the key: never stale); 0 = off."""
         self.explain_window = explain_window
+        self.user_cache_size = user_cache_size
+        self._user_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._user_cache_lock = threading.Lock()
+        self.cache_hits = self.cache_misses = 0
+        self.batcher = Batcher(lambda m, histories: self._user_vectors(m, histories).numpy())
         self.reason_template = reason_template
         self.bundle_path = Path(bundle_path)
         self.state = state if state is not None else LiveState(state_dir, max_history, fsync)
@@ -219,6 +282,25 @@ class Recommender:
         return {"user_id": user_id, "history": [m.item_ids[i] for i in idx], "live_events": sources.count("live"), "model_version": m.version}
 
     # ---- model compute ------------------------------------------------------------------------
+    def _user_vector(self, m: ServingModel, history: list[int]) -> np.ndarray:
+        """One user's vector, from the cache when this model has seen this history window."""
+        key = (id(m), tuple(history[-m.bundle.max_seq_len :]))
+        if self.user_cache_size:
+            with self._user_cache_lock:
+                hit = self._user_cache.get(key)
+                if hit is not None:
+                    self._user_cache.move_to_end(key)
+                    self.cache_hits += 1
+                    return hit
+        vector = self.batcher.submit(m, [history])[0]
+        if self.user_cache_size:
+            with self._user_cache_lock:
+                self.cache_misses += 1
+                self._user_cache[key] = vector
+                while len(self._user_cache) > self.user_cache_size:
+                    self._user_cache.popitem(last=False)
+        return vector
+
     def _user_vectors(self, m: ServingModel, sequences: list[list[int]]) -> torch.Tensor:
         """User vectors after each sequence's last item (each cut to the model's window)."""
         window = m.bundle.max_seq_len
@@ -255,7 +337,7 @@ class Recommender:
                 if i is None:
                     raise ServiceError(404, f"unknown item_id {item!r}", f"exclude[{n}]")
                 seen.add(i)
-            user = self._user_vectors(m, [hist])[0].numpy()
+            user = self._user_vector(m, hist)
             depth = k if diversity <= 0 else min(m.num_items, max(4 * k, 50))
             ids, inner = search_unseen(m.index, user[None], [np.fromiter(seen, dtype=np.int64)], depth)
             keep = ids[0] >= 0
@@ -282,7 +364,7 @@ class Recommender:
             return
         positions = list(range(len(hist) - window, len(hist)))
         without = [hist[:p] + hist[p + 1 :] for p in positions]
-        users = self._user_vectors(m, without).numpy()  # [window, d]
+        users = self.batcher.submit(m, without)  # [window, d]
         left_out = users @ m.vectors[ids].T  # [window, k] inner products without each item
         drop = (inner[None, :] - left_out) / float(m.bundle.model.temperature)
         for col, it in enumerate(items):
@@ -321,7 +403,7 @@ class Recommender:
             closest = torch.full((m.num_items,), -1.0)
             sequence, out = list(hist), []
             for _ in range(length):
-                logits = vectors @ self._user_vectors(m, [sequence])[0] / float(m.bundle.model.temperature)
+                logits = vectors @ torch.from_numpy(self._user_vector(m, sequence)) / float(m.bundle.model.temperature)
                 if diversity > 0 and out:
                     logits = logits - diversity * closest.clamp(min=0) * logits.std()
                 logits = logits.masked_fill(banned, float("-inf"))
@@ -403,6 +485,8 @@ class Recommender:
                 self._add_to_model(fresh, missing)
             old = self._model
             self._model, self.bundle_path = fresh, path
+        with self._user_cache_lock:  # the old snapshot's vectors are never asked for again
+            self._user_cache.clear()
         log.info("reloaded %s: model version %d -> %d in %.1f s", path, old.version, fresh.version, time.perf_counter() - start)
         return {"model_version": fresh.version, "previous_version": old.version, "bundle": str(path), "seconds": time.perf_counter() - start}
 
@@ -416,6 +500,10 @@ class Recommender:
             "serving_seconds": time.time() - m.loaded_at,
             "items": m.num_items,
             "known_users": len(m.bundle.users.user_ids),
+            "user_cache_hits": self.cache_hits,
+            "user_cache_misses": self.cache_misses,
+            "batches": self.batcher.batches,
+            "batched_rows": self.batcher.rows,
         } | {f"update_{k}": v for k, v in self.update_stats.items()}
 
     def close(self) -> None:

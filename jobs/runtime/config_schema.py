@@ -300,7 +300,10 @@ class ServeConfig:
     reason_template: str = "Because you watched {items}"
     max_body_bytes: int = 1048576
     fsync: bool = True  # every acknowledged event is on disk before the reply
-    torch_threads: Optional[int] = None  # null: torch's default
+    # threads of the one thread that runs the user tower for all requests (in batches); null:
+    # torch's default (every core). Index searches run single-threaded in the request threads.
+    torch_threads: Optional[int] = None
+    user_cache_size: int = 100000  # user vectors cached by (model, history window); 0 = off
     update: ServeUpdateConfig = field(default_factory=ServeUpdateConfig)
 
 
@@ -318,6 +321,18 @@ class UpdateConfig:
     replay_fraction: float = 1.0
     min_events: int = 1  # fewer new events (and no new item): nothing to do
     result_file: Optional[str] = None  # where to write {"bundle": ..., "noop": ...} (the service's scheduler reads it)
+
+
+@dataclass
+class ReplayConfig:
+    """jobs.replay: prequential evaluation of the loop on the data after a time cut."""
+
+    cutoff_quantile: float = 0.8  # train on what happened before this quantile of the timestamps
+    k: int = 10
+    buckets: int = 10  # time buckets of the stream (equal numbers of events) for the plot
+    update_every: int = 2000  # variant 'updated': jobs.update after this many events
+    variants: list[str] = field(default_factory=lambda: ["frozen", "live", "updated"])
+    max_events: Optional[int] = None  # play only the first N events after the cut
 
 
 @dataclass
@@ -358,7 +373,7 @@ class SweepConfig:
 
 @dataclass
 class JobConfig:
-    job: str = MISSING  # pretrain | finetune | evaluate | batch_infer | pipeline | sweep | serve | update
+    job: str = MISSING  # pretrain | finetune | evaluate | batch_infer | pipeline | sweep | serve | update | replay
     experiment_name: str = "default"
     launcher: Launcher = Launcher.ray
     # Ray run name; a run started again with the same name resumes from its latest checkpoint.
@@ -388,6 +403,7 @@ class JobConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
 
 
 def register() -> None:
@@ -479,7 +495,17 @@ def validate(cfg: DictConfig) -> None:
         _validate_sweep(cfg, fail)
     if cfg.job == "serve":
         _validate_serve(cfg, fail)
-    if cfg.job == "update":
+    if cfg.job == "replay":
+        r = cfg.replay
+        if not 0.0 < r.cutoff_quantile < 1.0:
+            fail("replay.cutoff_quantile", f"must be in (0, 1), got {r.cutoff_quantile}")
+        for key, value in (("replay.k", r.k), ("replay.buckets", r.buckets), ("replay.update_every", r.update_every)):
+            if value < 1:
+                fail(key, f"must be >= 1, got {value}")
+        unknown = set(r.variants) - {"frozen", "live", "updated"}
+        if unknown or not r.variants:
+            fail("replay.variants", f"must name some of frozen, live, updated; got {list(r.variants)}")
+    if cfg.job in ("update", "replay"):
         u = cfg["update"]
         if u.max_epochs < 1:
             fail("update.max_epochs", f"must be >= 1, got {u.max_epochs}")

@@ -27,7 +27,15 @@ def app_builder(options: dict[str, Any], state_actor, admin_token: str | None, m
         from serving.live_state import RemoteLiveState
         from serving.recommender import Recommender
 
-        service = Recommender(**{k: v for k, v in options.items() if k not in ("state_dir", "max_history", "fsync")}, state=RemoteLiveState(state_actor))
+        import faiss
+        import torch
+
+        faiss.omp_set_num_threads(1)
+        threads = options.get("torch_threads")
+        if threads:
+            torch.set_num_threads(threads)
+        kwargs = {k: v for k, v in options.items() if k not in ("state_dir", "max_history", "fsync", "torch_threads")}
+        service = Recommender(**kwargs, state=RemoteLiveState(state_actor))
         return create_app(service, admin_token, max_body_bytes)
 
     return build
@@ -45,7 +53,7 @@ def serve_on_ray(cfg: DictConfig, options: dict[str, Any], admin_token: str | No
         state_actor = ray.remote(LiveState).options(name=STATE_ACTOR, num_cpus=0, max_concurrency=64).remote(options["state_dir"], options["max_history"], options["fsync"])
         stats = ray.get(state_actor.stats.remote())
         serve.start(http_options={"host": v.host, "port": v.port})
-        ingress = serve.ingress(app_builder(options, state_actor, admin_token, v.max_body_bytes))()
+        ingress = serve.ingress(app_builder(options | {"torch_threads": v.torch_threads}, state_actor, admin_token, v.max_body_bytes))()
         deployment = serve.deployment(ingress, name="towerrec", num_replicas=v.replicas, ray_actor_options={"num_cpus": 0})
         serve.run(deployment.bind(), name="towerrec", route_prefix="/")
         say("serve: %s on Ray Serve, %d replica(s) (log %s, offset %d)", options["bundle_path"], v.replicas, stats["log"], stats["log_offset"])

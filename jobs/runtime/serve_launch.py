@@ -48,6 +48,7 @@ def service_options(cfg: DictConfig, bundle: Path) -> dict:
         "explain_window": v.explain_window,
         "reason_template": v.reason_template,
         "fsync": v.fsync,
+        "user_cache_size": v.user_cache_size,
     }
 
 
@@ -60,9 +61,11 @@ def run_serve(cfg: DictConfig) -> dict[str, float]:
     options = service_options(cfg, bundle)
     backend = cfg.serve.backend.value if hasattr(cfg.serve.backend, "value") else cfg.serve.backend
     with run_log_file(run_dir):
-        if cfg.serve.torch_threads:
-            import torch
+        import faiss
+        import torch
 
+        faiss.omp_set_num_threads(1)  # many small searches in parallel request threads
+        if cfg.serve.torch_threads:
             torch.set_num_threads(cfg.serve.torch_threads)
         if backend == "ray":
             from jobs.runtime.ray_serve import serve_on_ray
