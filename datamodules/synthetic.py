@@ -77,8 +77,12 @@ def generate_synthetic(
 
     k = min(topics_per_user, num_topics)
     users, item_ids, stamps = [], [], []
-    clock = 1_000_000_000
+    # users start at random moments over about four months and act over months, so their sequences interleave in
+    # time (a time cut then splits users, not just whole sequences); a separate generator keeps
+    # the draws of everything else as they were
+    starts = 1_000_000_000 + np.random.default_rng(seed + 1).integers(0, 10_000_000, size=num_users)
     for u in range(num_users):
+        clock = int(starts[u])
         liked = rng.choice(num_topics, size=k, replace=False)
         length = int(rng.integers(min_len, max_len + 1))
         seen: set[int] = set()
@@ -97,7 +101,7 @@ def generate_synthetic(
             seen.add(item)
             users.append(f"u{u}")
             item_ids.append(f"i{item}")
-            clock += int(rng.integers(1, 600))
+            clock += 5_000 * int(rng.integers(1, 600))  # hours to weeks apart: sequences overlap in time
             stamps.append(clock)
             prev = item
     interactions = pd.DataFrame({"user_id": users, "item_id": item_ids, "timestamp": np.asarray(stamps, dtype=np.int64)})
