@@ -61,12 +61,18 @@ class Batcher:
         import queue
 
         while True:
-            pending = [self.queue.get()]
+            first = self.queue.get()
+            if first is None:  # stop()
+                return
+            pending = [first]
             rows = len(pending[0][1])
             while rows < self.max_batch:
                 try:
                     item = self.queue.get_nowait()
                 except queue.Empty:
+                    break
+                if item is None:
+                    self.queue.put(None)  # stop after this batch
                     break
                 pending.append(item)
                 rows += len(item[1])
@@ -87,6 +93,11 @@ class Batcher:
                 for _, hs, future in group:
                     future.set_result(vectors[start : start + len(hs)])
                     start += len(hs)
+
+
+    def stop(self) -> None:
+        """End the thread once the requests already queued are answered."""
+        self.queue.put(None)
 
 
 class ReadWriteLock:
@@ -507,6 +518,7 @@ class Recommender:
         } | {f"update_{k}": v for k, v in self.update_stats.items()}
 
     def close(self) -> None:
+        self.batcher.stop()
         self.state.close()
 
 
