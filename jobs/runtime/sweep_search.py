@@ -29,6 +29,7 @@ import yaml  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from jobs.runtime.config_schema import validate  # noqa: E402
+from jobs.runtime.console import say  # noqa: E402
 from jobs.runtime.ray_cluster import cpus_per_worker, ray_session  # noqa: E402
 from jobs.runtime.ray_fit import run_config, storage_of, torch_trainer  # noqa: E402
 from jobs.runtime.run_folder import create_run_folder, run_log_file, write_metrics  # noqa: E402
@@ -145,7 +146,7 @@ def run_sweep(cfg: DictConfig) -> dict[str, float]:
             searcher = OptunaSearch()
         path = str(Path(storage) / name)
         if s.resume and tune.Tuner.can_restore(path):
-            log.info("sweep: resuming %s", path)
+            say("sweep: resuming %s", path)
             tuner = tune.Tuner.restore(path, trainable=trainer, resume_unfinished=True, resume_errored=True)
         else:
             tuner = tune.Tuner(
@@ -157,7 +158,7 @@ def run_sweep(cfg: DictConfig) -> dict[str, float]:
                 ),
                 run_config=run_config(cfg, name, storage, callbacks=[t for t in [trial_tracker(cfg, name, run_dir)] if t]),
             )
-        log.info("sweep %s: %d sample(s) of %s, stage %s, results in %s", s.name, s.num_samples, list(params), s.stage, path)
+        say("sweep %s: %d sample(s) of %s, stage %s; results in %s, logs in %s", s.name, s.num_samples, list(params), s.stage, path, run_dir / "run.log")
         start = time.perf_counter()
         results = tuner.fit()
         seconds = time.perf_counter() - start
