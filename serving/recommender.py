@@ -365,24 +365,35 @@ class Recommender:
         return {"items": items, "model_version": m.version}
 
     def _explain(self, m: ServingModel, hist: list[int], ids: np.ndarray, inner: np.ndarray, items: list[dict]) -> None:
-        """Occlusion: a recent history item's contribution to an item's score is how much the
-        score falls when that one item is left out of the history."""
+        """Why each item: among the last ``explain_window`` history items, those whose removal
+        lowers the item's score most (occlusion: ``contribution`` is the fall in score). Where no
+        single removal lowers it (a long history spreads the credit), the history item for which
+        the model alone scores the item highest (``affinity``: the score given a history of that
+        one item) stands as the reason instead."""
         window = min(self.explain_window, len(hist))
-        if window < 2:  # with one item, that item is the whole reason
-            for it in items:
-                it["because"] = [{"item_id": m.item_ids[hist[-1]], "title": m.titles[hist[-1]], "contribution": None}]
-                it["reason"] = self.reason_template.format(items=m.titles[hist[-1]])
-            return
         positions = list(range(len(hist) - window, len(hist)))
-        without = [hist[:p] + hist[p + 1 :] for p in positions]
-        users = self.batcher.submit(m, without)  # [window, d]
-        left_out = users @ m.vectors[ids].T  # [window, k] inner products without each item
-        drop = (inner[None, :] - left_out) / float(m.bundle.model.temperature)
+        without = [hist[:p] + hist[p + 1 :] for p in positions] if window >= 2 else []
+        alone = [[hist[p]] for p in positions]
+        users = self.batcher.submit(m, without + alone)  # one batch: [2 * window or 1, d]
+        temperature = float(m.bundle.model.temperature)
+        candidates = m.vectors[ids].T  # [d, k]
+        drop = (inner[None, :] - users[: len(without)] @ candidates) / temperature if without else np.zeros((0, len(ids)))
+        affinity = users[len(without) :] @ candidates / temperature  # [window, k]
         for col, it in enumerate(items):
-            top = [r for r in np.argsort(-drop[:, col], kind="stable")[:2] if drop[r, col] > 0]
-            it["because"] = [{"item_id": m.item_ids[hist[positions[r]]], "title": m.titles[hist[positions[r]]], "contribution": float(drop[r, col])} for r in top]
-            titles = [b["title"] for b in it["because"]]
-            it["reason"] = self.reason_template.format(items=" and ".join(titles)) if titles else "Recommended for your overall taste"
+            chosen = [(r, "occlusion") for r in np.argsort(-drop[:, col], kind="stable")[:2] if drop[r, col] > 0]
+            if not chosen:
+                chosen = [(int(np.argmax(affinity[:, col])), "affinity")]
+            it["because"] = [
+                {
+                    "item_id": m.item_ids[hist[positions[r]]],
+                    "title": m.titles[hist[positions[r]]],
+                    "evidence": kind,
+                    "contribution": float(drop[r, col]) if kind == "occlusion" else None,
+                    "affinity": float(affinity[r, col]),
+                }
+                for r, kind in chosen
+            ]
+            it["reason"] = self.reason_template.format(items=" and ".join(b["title"] for b in it["because"]))
 
     def generate(
         self,
