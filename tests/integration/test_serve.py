@@ -294,12 +294,12 @@ def test_admin_needs_a_token_off_loopback(trained, tmp_path):
 
 
 def test_ray_serve_replicas_share_events_and_new_items(trained, tmp_path):
-    s = Server(trained["root"], trained["run"], tmp_path / "state", "serve.backend=ray", "serve.replicas=2", "cluster.num_cpus=2").wait_ready(timeout=180)
+    s = Server(trained["root"], trained["run"], tmp_path / "state", "serve.backend=ray", "serve.replicas=2", "cluster.num_cpus=2").wait_ready(timeout=400)
     try:
         assert s.post("/events", {"user_id": "ray-user", "item_id": "i9"}).status_code == 200
         assert s.post("/items", {"item_id": "ray-item", "text": "barn plough sheep"}).status_code == 200
         for _ in range(8):  # requests spread over both replicas: each sees the event and the item
-            assert requests.get(s.url + "/users/ray-user", timeout=30).json()["history"] == ["i9"]
+            assert requests.get(s.url + "/users/ray-user", timeout=60).json()["history"] == ["i9"]
             items = [it["item_id"] for it in s.post("/recommend", {"user_id": "ray-user", "k": 60}).json()["items"]]
             assert "ray-item" in items and "i9" not in items
         assert s.post("/recommend", {"user_id": "ray-user", "k": 0}).status_code == 422
