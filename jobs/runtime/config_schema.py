@@ -531,6 +531,8 @@ def _validate_serve(cfg: DictConfig, fail) -> None:
         fail("serve.update.every_events", f"must be >= 1 or null, got {schedule.every_events}")
     if schedule.every_seconds is not None and schedule.every_seconds <= 0:
         fail("serve.update.every_seconds", f"must be > 0 or null, got {schedule.every_seconds}")
+    if (schedule.every_events or schedule.every_seconds) and _value(v.backend) != "local":
+        fail("serve.update", "scheduled updates run with serve.backend=local only (with Ray Serve, run jobs.update and POST /admin/reload)")
 
 
 def _validate_reader(cfg: DictConfig, fail) -> None:
