@@ -56,6 +56,11 @@ class BundleError(ValueError):
         super().__init__(f"{path}: {problem}")
 
 
+def _row_of(ids: np.ndarray) -> dict[str, int]:
+    """Raw id -> row, for lookups by id."""
+    return {str(i): n for n, i in enumerate(ids)}
+
+
 @dataclass
 class Catalog:
     """The items as the model sees them; row i is item index i."""
@@ -77,7 +82,7 @@ class Catalog:
     def index_of(self, item_id: str) -> int | None:
         """The item index of a raw id, or None when the catalog does not have it."""
         if self._index is None:
-            self._index = {str(i): n for n, i in enumerate(self.item_ids)}
+            self._index = _row_of(self.item_ids)
         return self._index.get(str(item_id))
 
 
@@ -91,7 +96,7 @@ class UserTable:
 
     def index_of(self, user_id: str) -> int | None:
         if self._index is None:
-            self._index = {str(u): n for n, u in enumerate(self.user_ids)}
+            self._index = _row_of(self.user_ids)
         return self._index.get(str(user_id))
 
 

@@ -146,6 +146,7 @@ class ServingModel:
     titles: list[str]
     categories: list[list[str]]
     vectors: np.ndarray  # [N, d] float32, the model's item vectors
+    unit: np.ndarray  # [N, d] the same, unit length (diversity works on cosines)
     index: Any  # faiss.Index over ``vectors``
     loaded_at: float
     consumed_offset: int  # log records before this offset are already in the bundle
@@ -182,6 +183,7 @@ def _load_serving_model(path: str | Path) -> ServingModel:
         titles=list(bundle.catalog.titles),
         categories=[list(c) for c in bundle.catalog.categories],
         vectors=vectors,
+        unit=unit_rows(vectors),
         index=build_index(vectors, "flat"),
         loaded_at=time.time(),
         consumed_offset=int(bundle.manifest.get("lineage", {}).get("log_offset_consumed", 0)),
@@ -189,6 +191,10 @@ def _load_serving_model(path: str | Path) -> ServingModel:
         tokenizer=bundle.load_tokenizer(),
         _index_of={item: n for n, item in enumerate(item_ids)},
     )
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def mmr(candidates: np.ndarray, relevance: np.ndarray, unit: np.ndarray, k: int, diversity: float) -> np.ndarray:
@@ -354,8 +360,7 @@ class Recommender:
             keep = ids[0] >= 0
             ids, inner = ids[0][keep], inner[0][keep]
             if diversity > 0 and len(ids):
-                unit = m.vectors / np.maximum(np.linalg.norm(m.vectors, axis=1, keepdims=True), 1e-12)
-                order = mmr(ids, inner, unit, k, diversity)
+                order = mmr(ids, inner, m.unit, k, diversity)
                 ids, inner = ids[order], inner[order]
             ids, inner = ids[:k], inner[:k]
             temperature = float(m.bundle.model.temperature)
@@ -421,7 +426,7 @@ class Recommender:
             if no_repeat and length > m.num_items - int(banned.sum()):
                 raise ServiceError(422, f"length {length} exceeds the {m.num_items - int(banned.sum())} items not yet seen", "length")
             vectors = torch.from_numpy(m.vectors)
-            unit = torch.nn.functional.normalize(vectors, dim=1)
+            unit = torch.from_numpy(m.unit)
             closest = torch.full((m.num_items,), -1.0)
             sequence, out = list(hist), []
             for _ in range(length):
@@ -480,6 +485,7 @@ class Recommender:
             with torch.no_grad():
                 vectors = m.bundle.model.item_vectors(new).float().numpy()
             m.vectors = np.concatenate([m.vectors, vectors])
+            m.unit = np.concatenate([m.unit, unit_rows(vectors)])
             m.index.add(np.ascontiguousarray(vectors))
             for r in records:
                 m._index_of[r["item_id"]] = len(m.item_ids)

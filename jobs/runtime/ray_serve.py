@@ -34,8 +34,8 @@ def app_builder(options: dict[str, Any], state_actor, admin_token: str | None, m
         threads = options.get("torch_threads")
         if threads:
             torch.set_num_threads(threads)
-        kwargs = {k: v for k, v in options.items() if k not in ("state_dir", "max_history", "fsync", "torch_threads")}
-        service = Recommender(**kwargs, state=RemoteLiveState(state_actor))
+        kwargs = {k: v for k, v in options.items() if k != "torch_threads"}
+        service = Recommender(**kwargs, state=RemoteLiveState(state_actor))  # state_dir & co. go unused: the actor holds the state
         return create_app(service, admin_token, max_body_bytes)
 
     return build
