@@ -23,7 +23,7 @@ from inference.embedding import UserHistories, embed_all_users, embed_catalog, e
 from inference.faiss_index import build_index, search_unseen
 from jobs.runtime.config_schema import validate
 from jobs.runtime.console import say
-from jobs.runtime.ray_cluster import ray_session
+from jobs.runtime.ray_cluster import infer_needs, ray_session
 from jobs.runtime.run_folder import create_run_folder, resolve_bundle, run_log_file, write_metrics
 from jobs.runtime.tracking import log_job_result
 
@@ -167,7 +167,7 @@ def batch_infer(cfg: DictConfig, bundle_path: Path, run_dir: Path) -> dict[str, 
     log.info("batch_infer: %d users, %d items, %s", len(users.lengths), num_items, "Ray Data actors" if cfg.infer.use_ray else "in process")
     t_embed = time.perf_counter()
     if cfg.infer.use_ray:
-        with ray_session(cfg):
+        with ray_session(cfg, infer_needs(cfg), {str(cfg.paths.outputs_root): "paths.outputs_root"}):
             item_vecs, user_vecs, sec_items, sec_users = embed_with_ray(cfg, bundle_path, num_items, users)
     else:
         item_vecs, user_vecs, sec_items, sec_users = embed_in_process(cfg, bundle, users)

@@ -5,12 +5,17 @@ its full name; ``validate`` adds the cross-field checks, still before any comput
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
 
 
 class LossKind(str, Enum):
@@ -241,6 +246,9 @@ class ClusterConfig:
     address: Optional[str] = None  # null: start Ray in this process; "auto" or ray://host:10001: join a cluster
     num_cpus: Optional[int] = None  # embedded Ray only; null = every core
     include_dashboard: bool = False
+    # Fail at once when the cluster's nodes cannot hold the job's workers (no GPU, too few CPUs);
+    # false: leave it to Ray to wait (a cluster whose autoscaler adds nodes).
+    check_resources: bool = True
     # Where Ray Train keeps checkpoints; on a cluster every node must reach it (NFS path or s3://...).
     # null: <run folder>/ray.
     storage_path: Optional[str] = None
@@ -422,6 +430,9 @@ def register() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the processes of a Ray job (`ray job submit`)
+
+
 def _value(x: Any) -> Any:
     return x.value if isinstance(x, Enum) else x
 
@@ -430,8 +441,12 @@ def validate(cfg: DictConfig) -> None:
     """Cross-field checks that a schema cannot express; raises ValueError naming the key."""
 
     def fail(key: str, msg: str) -> None:
-        raise ValueError(f"config error at '{key}': {msg}")
+        raise ConfigError(f"config error at '{key}': {msg}")
 
+    if RAY_JOB_ENV in os.environ and not os.path.isabs(str(cfg.paths.root_dir)):
+        fail("paths.root_dir", f"is '{cfg.paths.root_dir}' in a Ray job, whose current folder is Ray's temporary copy of "
+             "--working-dir (deleted with the job): set paths.root_dir=<absolute path on storage every node shares> "
+             "(or TOWERREC_ROOT in the job's runtime env)")
     m, d, t = cfg.model, cfg.data, cfg.trainer
     if m.dim < 1:
         fail("model.dim", f"must be >= 1, got {m.dim}")

@@ -10,8 +10,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from jobs.runtime.config_schema import register
+from inference.bundle import BundleError
+from jobs.runtime.config_schema import ConfigError, register
 from jobs.runtime.console import setup_console, strip_verbose_flag
+from jobs.runtime.ray_cluster import PlacementError
 from jobs.runtime.run_folder import pin_hydra_output_dir
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -25,7 +27,15 @@ def hydra_main(config_name: str, run: Callable[[DictConfig], dict[str, float]]) 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def hydra_entry(cfg: DictConfig) -> None:
         setup_console(bool(cfg.verbose))
-        run(pin_hydra_output_dir(cfg))
+        try:
+            run(pin_hydra_output_dir(cfg))
+        except (ConfigError, PlacementError, BundleError) as e:
+            if cfg.verbose:
+                raise
+            # a mistake in the config or a cluster that cannot run it: the message says what and
+            # where; the traceback is in the run's run.log (or shown with -v)
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     def main() -> None:
         if strip_verbose_flag(sys.argv):

@@ -15,7 +15,7 @@ from jobs.runtime.bundle_export import export_bundle
 from jobs.runtime.callbacks import EpochReport, stage_callbacks
 from jobs.runtime.checkpoints import model_state_from_lightning, restore_config
 from jobs.runtime.local_fit import build_stage
-from jobs.runtime.ray_cluster import cpus_per_worker, ray_session
+from jobs.runtime.ray_cluster import cpus_per_worker, ray_session, shared_folders, train_needs
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def ray_fit(cfg: DictConfig, stage: str, run_dir: Path) -> dict[str, float]:
     trainer = torch_trainer(cfg, stage, run_dir, name, storage)
     log.info("ray: %s with %d worker(s), strategy %s; checkpoints in %s/%s", stage, hw.num_workers, cfg.strategy.name, storage, name)
     start = time.perf_counter()
-    with ray_session(cfg):
+    with ray_session(cfg, train_needs(cfg), shared_folders(cfg, storage)):
         result = trainer.fit()
     seconds = time.perf_counter() - start
     if result.error:

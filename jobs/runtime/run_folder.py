@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -12,11 +13,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from inference.bundle import MANIFEST, bundle_folder
+from jobs.runtime.config_schema import ConfigError
 from jobs.runtime.console import capture_output, is_quiet
 
 log = logging.getLogger(__name__)
 
 BUNDLE_DIR = "bundle"  # every training run folder's model bundle (inference/bundle.py)
+
+
+class RunNotFoundError(ConfigError, FileNotFoundError):
+    """A run named in the config (``init_from``, ``checkpoint``, ``serve.bundle``, ...) that is not there."""
 
 
 def pin_absolute_paths(cfg: DictConfig) -> DictConfig:
@@ -60,6 +66,9 @@ def run_log_file(run_dir: Path) -> Iterator[Path]:
     try:
         with capture_output(path) if is_quiet() else nullcontext():
             yield path
+    except Exception:  # the whole traceback, in run.log only (the console gets the message)
+        handler.handle(logging.LogRecord(__name__, logging.ERROR, __file__, 0, "the job failed", None, sys.exc_info()))
+        raise
     finally:
         root.removeHandler(handler)
         handler.close()
@@ -98,8 +107,8 @@ def resolve_bundle(spec: str, outputs_root: str | Path, job: str, experiment_nam
     if found is not None:
         return found
     if (path / "checkpoints" / "model.ckpt").is_file() or path.suffix == ".ckpt":
-        raise FileNotFoundError(f"config error at '{key}': {spec} holds a checkpoint of an older version (checkpoints/model.ckpt) and no model bundle; train it again with this version")
-    raise FileNotFoundError(f"config error at '{key}': {spec} is not a run folder with a model bundle ({BUNDLE_DIR}/{MANIFEST}), a pipeline run folder, a bundle folder, or 'latest'")
+        raise RunNotFoundError(f"config error at '{key}': {spec} holds a checkpoint of an older version (checkpoints/model.ckpt) and no model bundle; train it again with this version")
+    raise RunNotFoundError(f"config error at '{key}': {spec} is not a run folder with a model bundle ({BUNDLE_DIR}/{MANIFEST}), a pipeline run folder, a bundle folder, or 'latest'")
 
 
 def pin_hydra_output_dir(cfg: DictConfig) -> DictConfig:

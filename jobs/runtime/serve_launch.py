@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from jobs.runtime.config_schema import validate
+from jobs.runtime.config_schema import ConfigError, validate
 from jobs.runtime.console import say
 from jobs.runtime.run_folder import create_run_folder, resolve_bundle, run_log_file
 
@@ -31,7 +31,7 @@ def admin_token_of(cfg: DictConfig) -> str | None:
     """``serve.admin_token`` or the environment's; refuses a non-loopback bind without one."""
     token = cfg.serve.admin_token or os.environ.get(TOKEN_ENV) or None
     if token is None and not is_loopback(cfg.serve.host):
-        raise ValueError(
+        raise ConfigError(
             f"config error at 'serve.admin_token': the service would bind to {cfg.serve.host}, which is not loopback; "
             f"set serve.admin_token (or {TOKEN_ENV}) so /items and /admin/* are not open to the network"
         )

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from jobs.runtime.config_schema import validate  # noqa: E402
 from jobs.runtime.console import say  # noqa: E402
-from jobs.runtime.ray_cluster import cpus_per_worker, ray_session  # noqa: E402
+from jobs.runtime.ray_cluster import cpus_per_worker, ray_session, shared_folders, train_needs  # noqa: E402
 from jobs.runtime.ray_fit import run_config, storage_of, torch_trainer  # noqa: E402
 from jobs.runtime.run_folder import create_run_folder, run_log_file, write_metrics  # noqa: E402
 from jobs.runtime.tracking import log_job_result, trial_tracker  # noqa: E402
@@ -134,7 +134,7 @@ def run_sweep(cfg: DictConfig) -> dict[str, float]:
     name = cfg.run_name or f"sweep-{s.name}-{run_dir.parent.name}-{run_dir.name}"
     storage = storage_of(cfg)
     metrics: dict[str, float] = {}
-    with run_log_file(run_dir), ray_session(cfg):
+    with run_log_file(run_dir), ray_session(cfg, train_needs(cfg), shared_folders(cfg, storage)):
         trainer = torch_trainer(cfg, s.stage, run_dir, name, storage, extra={"group": name})
         scheduler = None
         if s.scheduler.enabled:
