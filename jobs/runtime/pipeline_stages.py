@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +17,7 @@ from jobs.runtime.batch_inference import run_batch_infer
 from jobs.runtime.config_schema import validate
 from jobs.runtime.console import say
 from jobs.runtime.evaluation import run_evaluate
+from jobs.runtime.ray_cluster import ray_session
 from jobs.runtime.run_folder import create_run_folder, run_log_file, write_metrics
 from jobs.runtime.stage_job import run_stage_job
 
@@ -90,7 +92,11 @@ def run_pipeline(cfg: DictConfig) -> dict[str, float]:
     run_dir = create_run_folder(cfg)
     metrics: dict[str, float] = {}
     say("pipeline %s: run folder %s", cfg.experiment_name, run_dir)
-    with run_log_file(run_dir):
+    launcher = cfg.launcher.value if hasattr(cfg.launcher, "value") else cfg.launcher
+    uses_ray = launcher != "local" or (cfg.pipeline.batch_infer and cfg.infer.use_ray)
+    # one Ray session for every stage: Ray is not safe to shut down and start again in one process
+    # while its background threads live (a driver could crash between stages)
+    with run_log_file(run_dir), ray_session(cfg) if uses_ray else nullcontext():
         folders: dict[str, str] = {}
 
         def stage(job: str, upstream: str, runner, **values) -> tuple[Path, str]:

@@ -37,7 +37,7 @@ def free_port() -> int:
 
 def cluster_env(folder: Path) -> dict:
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(folder / "token"), TOWERREC_CLUSTER_DIR=str(folder),
-               WANDB_MODE="disabled", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+               WANDB_MODE="disabled", PYTHONFAULTHANDLER="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     return env
 
