@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from inference.bundle import ModelBundle, load_bundle
 from inference.embedding import UserHistories, embed_all_users, embed_catalog, embed_items, embed_users, load_embedding_model, user_histories
-from inference.faiss_index import build_index, search_unseen
+from inference.faiss_index import IndexChoice, auto_index, build_index, search_unseen
 from jobs.runtime.config_schema import validate
 from jobs.runtime.console import say
 from jobs.runtime.ray_cluster import infer_needs, ray_session
@@ -156,6 +156,18 @@ def write_outputs(run_dir: Path, bundle: ModelBundle, item_vecs: np.ndarray, use
     pq.write_table(pa.table({"user_id": pa.array(users, type=pa.string()), "embedding": _vector_column(user_vecs)}), run_dir / "user_embeddings.parquet")
 
 
+def index_choice(cfg: DictConfig, num_items: int) -> IndexChoice:
+    """``infer.index``: ``auto`` picks by catalog size (inference/faiss_index.py: auto_index)."""
+    ix = cfg.infer.index
+    kind = str(getattr(ix.kind, "value", ix.kind))
+    if kind == "auto":
+        choice = auto_index(num_items)
+        log.info("infer.index.kind=auto: %s %s for %d items", choice.kind, choice.params, num_items)
+        return choice
+    params = {"ivf": {"nlist": ix.nlist, "nprobe": ix.nprobe}, "hnsw": {"hnsw_m": ix.hnsw_m, "ef_search": ix.ef_search}}.get(kind, {})
+    return IndexChoice(kind, params)
+
+
 def batch_infer(cfg: DictConfig, bundle_path: Path, run_dir: Path) -> dict[str, float]:
     """Embed, index, search and write; returns the counts and timings of metrics.json."""
     t_start = time.perf_counter()
@@ -174,9 +186,9 @@ def batch_infer(cfg: DictConfig, bundle_path: Path, run_dir: Path) -> dict[str, 
     sec_embed = time.perf_counter() - t_embed
     log.info("embedding took %.1fs (model compute: %d items %.2fs, %d users %.2fs)", sec_embed, num_items, sec_items, len(users.lengths), sec_users)
 
-    ix = cfg.infer.index
+    choice = index_choice(cfg, num_items)
     t0 = time.perf_counter()
-    index = build_index(item_vecs, str(getattr(ix.kind, "value", ix.kind)), ix.nlist, ix.nprobe, ix.hnsw_m, ix.ef_search)
+    index = build_index(item_vecs, choice.kind, **choice.params)
     t1 = time.perf_counter()
     ids, inner = search_unseen(index, user_vecs, users.seen, int(cfg.infer.top_k))
     scores = inner / np.float32(temperature)
@@ -184,7 +196,7 @@ def batch_infer(cfg: DictConfig, bundle_path: Path, run_dir: Path) -> dict[str, 
     write_outputs(run_dir, bundle, item_vecs, user_vecs, ids, scores)
     t3 = time.perf_counter()
     lengths = (ids >= 0).sum(axis=1)
-    log.info("index %s: built in %.2fs, searched in %.2fs; wrote %s", getattr(ix.kind, "value", ix.kind), t1 - t0, t2 - t1, run_dir)
+    log.info("index %s %s: built in %.2fs, searched in %.2fs; wrote %s", choice.kind, choice.params, t1 - t0, t2 - t1, run_dir)
     return {
         "infer/num_users": float(len(users.lengths)),
         "infer/num_items": float(num_items),

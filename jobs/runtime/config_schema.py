@@ -39,6 +39,7 @@ class Pooling(str, Enum):
 
 
 class IndexKind(str, Enum):
+    auto = "auto"
     flat = "flat"
     ivf = "ivf"
     hnsw = "hnsw"
@@ -256,7 +257,9 @@ class ClusterConfig:
 
 @dataclass
 class IndexConfig:
-    kind: IndexKind = IndexKind.flat  # exact inner product; ivf / hnsw are approximate
+    # auto: exact (flat) up to 100k items, HNSW beyond (inference/faiss_index.py: auto_index);
+    # flat: exact inner product; ivf / hnsw: approximate, with the settings below
+    kind: IndexKind = IndexKind.auto
     nlist: int = 64
     nprobe: int = 8
     hnsw_m: int = 32

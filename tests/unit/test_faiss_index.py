@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.faiss_index import build_index, search_unseen
+from inference.faiss_index import AUTO_EXACT_MAX_ITEMS, auto_index, build_index, search_unseen
 
 N, D, U, K = 300, 16, 40, 10
 
@@ -99,3 +99,29 @@ def test_errors_name_what_is_wrong():
         search_unseen(build_index(items), np.ones((2, 3), np.float32), [np.array([])] * 2, 3)
     with pytest.raises(ValueError, match="seen"):
         search_unseen(build_index(items), np.ones((2, 4), np.float32), [np.array([])], 3)
+
+
+def test_auto_is_exact_for_small_catalogs_and_hnsw_beyond():
+    assert auto_index(1_682).kind == "flat" and auto_index(AUTO_EXACT_MAX_ITEMS).kind == "flat"
+    big = auto_index(AUTO_EXACT_MAX_ITEMS + 1)
+    assert big.kind == "hnsw" and big.params["ef_search"] >= 100  # searching top-100 needs ef >= 100
+    build_index(np.ones((3, 4), np.float32), big.kind, **big.params)  # its params are build_index's
+
+
+def test_autos_hnsw_setting_keeps_recall_at_100_on_structured_vectors():
+    """The HNSW branch of auto (forced here on 20,000 items) against exact search, on vectors with a
+    decaying spectrum and a shared direction like a trained model's (bench/scale.py measures 1 M)."""
+    rng = np.random.default_rng(3)
+    d, n = 64, 20_000
+    axes = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    scale = 1.0 / np.sqrt(np.arange(1, d + 1))
+    mean = 0.5 * axes[0]
+    items = (mean + (rng.standard_normal((n, d)) * scale) @ axes).astype(np.float32)
+    users = (3 * mean + (rng.standard_normal((200, d)) * scale) @ axes).astype(np.float32)
+    choice = auto_index(n, exact_max_items=10_000)
+    assert choice.kind == "hnsw"
+    none = [np.array([], dtype=np.int64)] * len(users)
+    exact, _ = search_unseen(build_index(items, "flat"), users, none, 100)
+    found, _ = search_unseen(build_index(items, choice.kind, **choice.params), users, none, 100)
+    recall = np.mean([len(np.intersect1d(a, b)) / 100 for a, b in zip(found, exact)])
+    assert recall >= 0.95, recall

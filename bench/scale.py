@@ -1,0 +1,148 @@
+"""How the cost grows with the catalog: retrieval of top-100 by exact and approximate FAISS indexes.
+
+    python bench/scale.py                                   # 100 k and 1 M items, 1,000 queries
+    python bench/scale.py --items 100000 1000000 --queries 1000 --like outputs/pipeline/<date>/<time>
+
+Stage ``index`` (the only stage so far; issue #13 adds data, training and batch inference):
+for each catalog size it builds FAISS flat (exact), IVF and HNSW indexes over item vectors and
+searches top-100 for the same user vectors, reporting build seconds, queries/s, recall@100
+against the exact search, and speed-up over it, all measured in this run. The setting that
+``infer.index.kind=auto`` picks for each size (inference/faiss_index.py: auto_index) is marked.
+
+The vectors are not random noise: they are drawn with the mean and the singular spectrum of a
+trained model's item and user vectors (``--like``: a pipeline run's batch_infer embeddings;
+default the newest ml100k pipeline run), so the search is as hard as on that model's space.
+Prints a markdown table and writes ``docs/scale_index.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+K = 100
+
+
+def embeddings(path: Path) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float64)
+
+
+def newest_ml100k_run() -> Path:
+    runs = sorted((ROOT / "outputs" / "pipeline").glob("*/*/batch_infer/item_embeddings.parquet"))
+    runs = [r.parents[1] for r in runs if "ml100k" in (r.parents[1] / "config.yaml").read_text()] if runs else []
+    if not runs:
+        raise SystemExit("bench/scale.py: no ml100k pipeline run with batch_infer outputs; run `make run` first or pass --like")
+    return runs[-1]
+
+
+class Spectrum:
+    """The mean and the principal axes with their spreads of a set of vectors; draws more like them."""
+
+    def __init__(self, x: np.ndarray):
+        self.mean = x.mean(axis=0)
+        _, s, vt = np.linalg.svd(x - self.mean, full_matrices=False)
+        self.scale = s / np.sqrt(len(x))
+        self.axes = vt
+
+    def draw(self, n: int, rng: np.random.Generator, chunk: int = 200_000) -> np.ndarray:
+        out = np.empty((n, self.mean.shape[0]), dtype=np.float32)
+        for start in range(0, n, chunk):
+            z = rng.standard_normal((min(chunk, n - start), self.scale.shape[0]))
+            out[start : start + len(z)] = self.mean + (z * self.scale) @ self.axes
+        return out
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+    hits = [len(np.intersect1d(a[a >= 0], b)) for a, b in zip(found, exact)]
+    return float(np.mean(hits)) / exact.shape[1]
+
+
+def timed_search(index, queries: np.ndarray) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    _, ids = index.search(queries, K)
+    return ids, time.perf_counter() - start
+
+
+def index_stage(sizes: list[int], num_queries: int, like: Path, seed: int) -> list[dict]:
+    import faiss
+
+    from inference.faiss_index import auto_index, build_index
+
+    items_like = Spectrum(embeddings(like / "batch_infer" / "item_embeddings.parquet"))
+    users_like = Spectrum(embeddings(like / "batch_infer" / "user_embeddings.parquet"))
+    rows: list[dict] = []
+    for n in sizes:
+        rng = np.random.default_rng(seed)
+        items, users = items_like.draw(n, rng), users_like.draw(num_queries, rng)
+        print(f"index: {n:,} items x {items.shape[1]} dims, {num_queries:,} queries", flush=True)
+        start = time.perf_counter()
+        flat = build_index(items, "flat")
+        flat_build = time.perf_counter() - start
+        exact, flat_seconds = timed_search(flat, users)
+        del flat
+        base = {"items": n, "dim": items.shape[1], "queries": num_queries, "threads": faiss.omp_get_max_threads()}
+        rows.append(base | {"kind": "flat", "setting": "exact", "build_s": flat_build, "search_s": flat_seconds, "qps": num_queries / flat_seconds, "recall": 1.0, "speedup": 1.0})
+        auto = auto_index(n)
+        settings = [("ivf", {"nlist": nlist, "nprobe": p}) for nlist in (int(4 * np.sqrt(n)),) for p in (16, 32, 64, 128)]
+        settings += [("hnsw", {"hnsw_m": 32, "ef_search": ef}) for ef in (128, 256, 512)]
+        if auto.kind != "flat" and (auto.kind, auto.params) not in settings:
+            settings.append((auto.kind, auto.params))
+        built: dict = {}
+        for kind, params in settings:
+            build_key = (kind, params.get("nlist"), params.get("hnsw_m"))
+            if build_key not in built:
+                start = time.perf_counter()
+                built[build_key] = (build_index(items, kind, **params), time.perf_counter() - start)
+            index, build_s = built[build_key]
+            if kind == "ivf":
+                index.nprobe = params["nprobe"]
+            else:
+                index.hnsw.efSearch = params["ef_search"]
+            ids, seconds = timed_search(index, users)
+            row = base | {"kind": kind, "setting": ", ".join(f"{k}={v}" for k, v in params.items()), "build_s": build_s, "search_s": seconds,
+                          "qps": num_queries / seconds, "recall": recall(ids, exact), "speedup": flat_seconds / seconds,
+                          "auto": auto.kind == kind and auto.params == params}
+            rows.append(row)
+            print(f"  {kind:5s} {row['setting']:28s} build {build_s:7.1f} s  {row['qps']:9.0f} q/s  recall@{K} {row['recall']:.4f}  x{row['speedup']:.1f}{'  <- auto' if row['auto'] else ''}", flush=True)
+        if auto.kind == "flat":
+            rows[-len(settings) - 1]["auto"] = True
+        built.clear()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| items | index | setting | build s | queries/s | recall@100 | speed-up vs exact | auto |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['items']:,} | {r['kind']} | {r['setting']} | {r['build_s']:.1f} | {r['qps']:,.0f} | {r['recall']:.4f} | {r['speedup']:.1f}x | {'yes' if r.get('auto') else ''} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stages", nargs="+", default=["index"], choices=["index"])
+    parser.add_argument("--items", nargs="+", type=int, default=[100_000, 1_000_000])
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--like", type=Path, default=None, help="a pipeline run whose batch_infer embeddings give the vectors' spectrum")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "scale_index.json")
+    args = parser.parse_args()
+    like = args.like or newest_ml100k_run()
+    print(f"scale: vectors shaped like {like}; {os.cpu_count()} CPUs", flush=True)
+    rows = index_stage(args.items, args.queries, like, args.seed)
+    args.out.write_text(json.dumps({"like": str(like), "rows": rows}, indent=1) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
