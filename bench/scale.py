@@ -5,8 +5,8 @@
 
 Stage ``index`` (the only stage so far; issue #13 adds data, training and batch inference):
 for each catalog size it builds FAISS flat (exact), IVF and HNSW indexes over item vectors and
-searches top-100 for the same user vectors, reporting build seconds, queries/s, recall@100
-against the exact search, and speed-up over it, all measured in this run. The setting that
+searches top-100 for the same user vectors, reporting build seconds, queries/s (the fastest of
+two searches), recall@100 against the exact search, and speed-up over it, all measured in this run. The setting that
 ``infer.index.kind=auto`` picks for each size (inference/faiss_index.py: auto_index) is marked.
 
 The vectors are not random noise: they are drawn with the mean and the singular spectrum of a
@@ -68,10 +68,15 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean(hits)) / exact.shape[1]
 
 
-def timed_search(index, queries: np.ndarray) -> tuple[np.ndarray, float]:
-    start = time.perf_counter()
-    _, ids = index.search(queries, K)
-    return ids, time.perf_counter() - start
+def timed_search(index, queries: np.ndarray, repeats: int = 2) -> tuple[np.ndarray, float]:
+    """Top-K ids and the fastest of ``repeats`` searches (this machine is shared: the minimum is
+    the least disturbed measurement, for the exact baseline and every index alike)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _, ids = index.search(queries, K)
+        best = min(best, time.perf_counter() - start)
+    return ids, best
 
 
 def index_stage(sizes: list[int], num_queries: int, like: Path, seed: int) -> list[dict]:
@@ -94,8 +99,8 @@ def index_stage(sizes: list[int], num_queries: int, like: Path, seed: int) -> li
         base = {"items": n, "dim": items.shape[1], "queries": num_queries, "threads": faiss.omp_get_max_threads()}
         rows.append(base | {"kind": "flat", "setting": "exact", "build_s": flat_build, "search_s": flat_seconds, "qps": num_queries / flat_seconds, "recall": 1.0, "speedup": 1.0})
         auto = auto_index(n)
-        settings = [("ivf", {"nlist": nlist, "nprobe": p}) for nlist in (int(4 * np.sqrt(n)),) for p in (16, 32, 64, 128)]
-        settings += [("hnsw", {"hnsw_m": 32, "ef_search": ef}) for ef in (128, 256, 512)]
+        settings = [("ivf", {"nlist": nlist, "nprobe": p}) for nlist in (int(4 * np.sqrt(n)),) for p in (16, 32, 64, 128, 256)]
+        settings += [("hnsw", {"hnsw_m": 32, "ef_search": ef}) for ef in (128, 256, 512, 768)]
         if auto.kind != "flat" and (auto.kind, auto.params) not in settings:
             settings.append((auto.kind, auto.params))
         built: dict = {}

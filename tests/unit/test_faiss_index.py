@@ -109,15 +109,17 @@ def test_auto_is_exact_for_small_catalogs_and_hnsw_beyond():
 
 
 def test_autos_hnsw_setting_keeps_recall_at_100_on_structured_vectors():
-    """The HNSW branch of auto (forced here on 20,000 items) against exact search, on vectors with a
-    decaying spectrum and a shared direction like a trained model's (bench/scale.py measures 1 M)."""
+    """The HNSW branch of auto (forced here on 20,000 items) against exact search, on vectors shaped
+    like a trained model's: items with a slowly decaying spectrum and cosine ~0.3 to their mean,
+    users concentrated on a few directions (bench/scale.py measures 1 M items)."""
     rng = np.random.default_rng(3)
     d, n = 64, 20_000
     axes = np.linalg.qr(rng.standard_normal((d, d)))[0]
-    scale = 1.0 / np.sqrt(np.arange(1, d + 1))
-    mean = 0.5 * axes[0]
-    items = (mean + (rng.standard_normal((n, d)) * scale) @ axes).astype(np.float32)
-    users = (3 * mean + (rng.standard_normal((200, d)) * scale) @ axes).astype(np.float32)
+    item_scale, user_scale = 1.0 / np.sqrt(np.arange(1, d + 1)), 1.0 / np.arange(1, d + 1) ** 1.5
+    item_mean = 0.3 * np.linalg.norm(item_scale) * axes[0]
+    user_mean = 2.0 * np.linalg.norm(user_scale) * (axes[0] + axes[1]) / np.sqrt(2)
+    items = (item_mean + (rng.standard_normal((n, d)) * item_scale) @ axes).astype(np.float32)
+    users = (user_mean + (rng.standard_normal((200, d)) * user_scale) @ axes.T).astype(np.float32)
     choice = auto_index(n, exact_max_items=10_000)
     assert choice.kind == "hnsw"
     none = [np.array([], dtype=np.int64)] * len(users)
@@ -125,3 +127,16 @@ def test_autos_hnsw_setting_keeps_recall_at_100_on_structured_vectors():
     found, _ = search_unseen(build_index(items, choice.kind, **choice.params), users, none, 100)
     recall = np.mean([len(np.intersect1d(a, b)) / 100 for a, b in zip(found, exact)])
     assert recall >= 0.95, recall
+
+
+def test_batch_inference_takes_the_index_from_the_config(tmp_path):
+    from jobs.runtime.batch_inference import index_choice
+    from tests.conftest import compose_config
+
+    cfg = compose_config("batch_infer", ["experiment=tiny"], tmp_path)
+    assert cfg.infer.index.kind.value == "auto"  # the default
+    assert index_choice(cfg, 300).kind == "flat" and index_choice(cfg, 2_000_000) == auto_index(2_000_000)
+    cfg = compose_config("batch_infer", ["experiment=tiny", "infer.index.kind=ivf", "infer.index.nlist=16", "infer.index.nprobe=4"], tmp_path)
+    assert index_choice(cfg, 300).kind == "ivf" and index_choice(cfg, 300).params == {"nlist": 16, "nprobe": 4}
+    cfg = compose_config("batch_infer", ["experiment=tiny", "infer.index.kind=hnsw", "infer.index.ef_search=64"], tmp_path)
+    assert index_choice(cfg, 300).params == {"hnsw_m": 32, "ef_search": 64}
