@@ -4,7 +4,8 @@
     python bench/scale.py --items 100000 1000000 --queries 1000 --like outputs/pipeline/<date>/<time>
 
 Stage ``index`` (the only stage so far; issue #13 adds data, training and batch inference):
-for each catalog size it builds FAISS flat (exact), IVF and HNSW indexes over item vectors and
+for each catalog size it builds FAISS flat (exact), IVF, HNSW and IVF-PQ (4-bit fast-scan codes,
+candidates re-ranked exactly) indexes over item vectors and
 searches top-100 for the same user vectors, reporting build seconds, queries/s (the fastest of
 two searches), recall@100 against the exact search, and speed-up over it, all measured in this run. The setting that
 ``infer.index.kind=auto`` picks for each size (inference/faiss_index.py: auto_index) is marked.
@@ -101,17 +102,20 @@ def index_stage(sizes: list[int], num_queries: int, like: Path, seed: int) -> li
         auto = auto_index(n)
         settings = [("ivf", {"nlist": nlist, "nprobe": p}) for nlist in (int(4 * np.sqrt(n)),) for p in (16, 32, 64, 128, 256)]
         settings += [("hnsw", {"hnsw_m": 32, "ef_search": ef}) for ef in (128, 256, 512, 768)]
+        settings += [("ivfpq", {"nlist": int(2 * np.sqrt(n)), "nprobe": p, "refine_factor": 16}) for p in (64, 128, 256)]
         if auto.kind != "flat" and (auto.kind, auto.params) not in settings:
             settings.append((auto.kind, auto.params))
         built: dict = {}
         for kind, params in settings:
-            build_key = (kind, params.get("nlist"), params.get("hnsw_m"))
+            build_key = (kind, params.get("nlist"), params.get("hnsw_m"), params.get("refine_factor"))
             if build_key not in built:
                 start = time.perf_counter()
                 built[build_key] = (build_index(items, kind, **params), time.perf_counter() - start)
             index, build_s = built[build_key]
             if kind == "ivf":
                 index.nprobe = params["nprobe"]
+            elif kind == "ivfpq":
+                faiss.extract_index_ivf(index).nprobe = params["nprobe"]
             else:
                 index.hnsw.efSearch = params["ef_search"]
             ids, seconds = timed_search(index, users)

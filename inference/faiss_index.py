@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 
-# infer.index.kind=auto: exact search up to this many items, HNSW above (bench/scale.py measures both)
+# infer.index.kind=auto: exact search up to this many items, IVF-PQ with exact re-ranking above
+# (bench/scale.py measures every kind; docs/benchmarks.md, "Scale")
 AUTO_EXACT_MAX_ITEMS = 100_000
-AUTO_HNSW = {"hnsw_m": 32, "ef_search": 512}
+AUTO_IVFPQ = {"nprobe": 256, "refine_factor": 16}
 
 
 @dataclass(frozen=True)
@@ -22,11 +23,11 @@ class IndexChoice:
 
 def auto_index(num_items: int, exact_max_items: int = AUTO_EXACT_MAX_ITEMS) -> IndexChoice:
     """The index ``infer.index.kind=auto`` builds for a catalog of ``num_items``: exact (flat) while
-    a full scan is cheap, HNSW beyond, at the setting that bench/scale.py measured to keep
-    recall@100 >= 0.95 against exact search (docs/benchmarks.md, "Scale")."""
+    a full scan is cheap, IVF-PQ with exact re-ranking beyond (2 sqrt(N) lists), at the setting
+    that bench/scale.py measured to keep recall@100 >= 0.95 against exact search at 1M items."""
     if num_items <= exact_max_items:
         return IndexChoice("flat")
-    return IndexChoice("hnsw", dict(AUTO_HNSW))
+    return IndexChoice("ivfpq", {"nlist": int(2 * np.sqrt(num_items))} | AUTO_IVFPQ)
 
 
 def build_index(
@@ -36,11 +37,13 @@ def build_index(
     nprobe: int = 8,
     hnsw_m: int = 32,
     ef_search: int = 128,
+    pq_m: int | None = None,
+    refine_factor: int = 16,
 ) -> faiss.Index:
     """An inner-product index over ``vectors`` [N, d]; row i gets id i.
 
     ``flat``: exact (IndexFlatIP). ``ivf``: IndexIVFFlat with ``nlist`` lists (capped to N), ``nprobe``
-    probed per query. ``hnsw``: IndexHNSWFlat by inner product with ``hnsw_m`` links per node and
+    probed per query. ``ivfpq``: :func:`build_ivfpq`. ``hnsw``: IndexHNSWFlat by inner product with ``hnsw_m`` links per node and
     ``ef_search`` (graph built at faiss's default efConstruction 40: on vectors shaped like a
     trained model's, larger values and the reduction to Euclidean search both measured lower recall).
     """
@@ -62,9 +65,29 @@ def build_index(
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = ef_search
+    elif kind == "ivfpq":
+        return build_ivfpq(x, nlist, nprobe, pq_m, refine_factor)
     else:
         raise ValueError(f"build_index: kind must be one of {INDEX_KINDS}, got {kind!r}")
     index.add(x)
+    return index
+
+
+def build_ivfpq(x: np.ndarray, nlist: int, nprobe: int, pq_m: int | None, refine_factor: int) -> faiss.Index:
+    """IVF over ``nlist`` lists with 4-bit product-quantized codes scanned by SIMD (fast-scan),
+    and the ``refine_factor`` x k best candidates re-ranked by their exact inner product, so the
+    scores returned are exact. ``pq_m`` sub-quantizers (null: one per 2 dimensions)."""
+    n, d = x.shape
+    m = pq_m or (d // 2 if d % 2 == 0 else d)
+    if d % m:
+        raise ValueError(f"infer.index.pq_m={m} must divide the vector dimension {d}")
+    lists = max(1, min(nlist, n // 39))  # k-means wants about 39 points per list
+    index = faiss.index_factory(d, f"IVF{lists},PQ{m}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(0)
+    index.train(x if n <= 64 * lists else x[np.sort(rng.choice(n, 64 * lists, replace=False))])
+    index.add(x)
+    faiss.extract_index_ivf(index).nprobe = min(nprobe, lists)
+    index.k_factor = refine_factor
     return index
 
 

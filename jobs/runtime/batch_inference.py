@@ -164,7 +164,11 @@ def index_choice(cfg: DictConfig, num_items: int) -> IndexChoice:
         choice = auto_index(num_items)
         log.info("infer.index.kind=auto: %s %s for %d items", choice.kind, choice.params, num_items)
         return choice
-    params = {"ivf": {"nlist": ix.nlist, "nprobe": ix.nprobe}, "hnsw": {"hnsw_m": ix.hnsw_m, "ef_search": ix.ef_search}}.get(kind, {})
+    params = {
+        "ivf": {"nlist": ix.nlist, "nprobe": ix.nprobe},
+        "hnsw": {"hnsw_m": ix.hnsw_m, "ef_search": ix.ef_search},
+        "ivfpq": {"nlist": ix.nlist, "nprobe": ix.nprobe, "pq_m": ix.pq_m, "refine_factor": ix.refine_factor},
+    }.get(kind, {})
     return IndexChoice(kind, params)
 
 

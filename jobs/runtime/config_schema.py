@@ -43,6 +43,7 @@ class IndexKind(str, Enum):
     flat = "flat"
     ivf = "ivf"
     hnsw = "hnsw"
+    ivfpq = "ivfpq"
 
 
 class Schedule(str, Enum):
@@ -257,13 +258,15 @@ class ClusterConfig:
 
 @dataclass
 class IndexConfig:
-    # auto: exact (flat) up to 100k items, HNSW beyond (inference/faiss_index.py: auto_index);
-    # flat: exact inner product; ivf / hnsw: approximate, with the settings below
+    # auto: exact (flat) up to 100k items, IVF-PQ re-ranked beyond (inference/faiss_index.py: auto_index);
+    # flat: exact inner product; ivf / hnsw / ivfpq: approximate, with the settings below
     kind: IndexKind = IndexKind.auto
-    nlist: int = 64
-    nprobe: int = 8
+    nlist: int = 64  # ivf, ivfpq
+    nprobe: int = 8  # ivf, ivfpq
     hnsw_m: int = 32
     ef_search: int = 128
+    pq_m: Optional[int] = None  # ivfpq: sub-quantizers of 4 bits; null: one per 2 dimensions
+    refine_factor: int = 16  # ivfpq: refine_factor x top_k candidates re-ranked exactly
 
 
 @dataclass
@@ -579,6 +582,7 @@ def _validate_infer(cfg: DictConfig, fail) -> None:
         ("infer.index.nprobe", i.index.nprobe, 1),
         ("infer.index.hnsw_m", i.index.hnsw_m, 2),
         ("infer.index.ef_search", i.index.ef_search, 1),
+        ("infer.index.refine_factor", i.index.refine_factor, 1),
     ):
         if value < low:
             fail(key, f"must be >= {low}, got {value}")

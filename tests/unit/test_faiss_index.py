@@ -65,7 +65,7 @@ def test_ivf_caps_nlist_to_catalog_size():
     np.testing.assert_array_equal(ids, brute_force(items, users, [np.array([], dtype=np.int64)] * 5, 20)[0])
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
 def test_k_larger_than_unseen_returns_only_unseen(kind):
     rng = np.random.default_rng(2)
     items = rng.standard_normal((20, 8)).astype(np.float32)
@@ -103,13 +103,13 @@ def test_errors_name_what_is_wrong():
 
 def test_auto_is_exact_for_small_catalogs_and_hnsw_beyond():
     assert auto_index(1_682).kind == "flat" and auto_index(AUTO_EXACT_MAX_ITEMS).kind == "flat"
-    big = auto_index(AUTO_EXACT_MAX_ITEMS + 1)
-    assert big.kind == "hnsw" and big.params["ef_search"] >= 100  # searching top-100 needs ef >= 100
-    build_index(np.ones((3, 4), np.float32), big.kind, **big.params)  # its params are build_index's
+    big = auto_index(1_000_000)
+    assert big.kind == "ivfpq" and big.params["nlist"] == 2000 and big.params["refine_factor"] >= 1
+    build_index(np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32), big.kind, **big.params)  # build_index's params
 
 
-def test_autos_hnsw_setting_keeps_recall_at_100_on_structured_vectors():
-    """The HNSW branch of auto (forced here on 20,000 items) against exact search, on vectors shaped
+def test_autos_approximate_setting_keeps_recall_at_100_on_structured_vectors():
+    """The approximate branch of auto (forced here on 20,000 items) against exact search, on vectors shaped
     like a trained model's: items with a slowly decaying spectrum and cosine ~0.3 to their mean,
     users concentrated on a few directions (bench/scale.py measures 1 M items)."""
     rng = np.random.default_rng(3)
@@ -121,10 +121,11 @@ def test_autos_hnsw_setting_keeps_recall_at_100_on_structured_vectors():
     items = (item_mean + (rng.standard_normal((n, d)) * item_scale) @ axes).astype(np.float32)
     users = (user_mean + (rng.standard_normal((200, d)) * user_scale) @ axes.T).astype(np.float32)
     choice = auto_index(n, exact_max_items=10_000)
-    assert choice.kind == "hnsw"
+    assert choice.kind == "ivfpq"
     none = [np.array([], dtype=np.int64)] * len(users)
     exact, _ = search_unseen(build_index(items, "flat"), users, none, 100)
-    found, _ = search_unseen(build_index(items, choice.kind, **choice.params), users, none, 100)
+    found, scores = search_unseen(build_index(items, choice.kind, **choice.params), users, none, 100)
+    np.testing.assert_allclose(scores[:, 0], np.einsum("ud,ud->u", items[found[:, 0]], users), rtol=1e-5)  # re-ranked: exact scores
     recall = np.mean([len(np.intersect1d(a, b)) / 100 for a, b in zip(found, exact)])
     assert recall >= 0.95, recall
 
@@ -140,3 +141,5 @@ def test_batch_inference_takes_the_index_from_the_config(tmp_path):
     assert index_choice(cfg, 300).kind == "ivf" and index_choice(cfg, 300).params == {"nlist": 16, "nprobe": 4}
     cfg = compose_config("batch_infer", ["experiment=tiny", "infer.index.kind=hnsw", "infer.index.ef_search=64"], tmp_path)
     assert index_choice(cfg, 300).params == {"hnsw_m": 32, "ef_search": 64}
+    cfg = compose_config("batch_infer", ["experiment=tiny", "infer.index.kind=ivfpq", "infer.index.refine_factor=8"], tmp_path)
+    assert index_choice(cfg, 300).params == {"nlist": 64, "nprobe": 8, "pq_m": None, "refine_factor": 8}
