@@ -144,6 +144,9 @@ class ItemTower(nn.Module):
         if freeze and unfreeze_top_layers:
             for layer in layers[len(layers) - unfreeze_top_layers :]:
                 layer.requires_grad_(True)
+        if getattr(self.encoder, "pooler", None) is not None:
+            # the tower pools the last hidden states itself: BERT's pooler is never used
+            self.encoder.pooler.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "ItemTower":
         """A fully frozen encoder stays in eval mode (no dropout), whatever the tower's mode.

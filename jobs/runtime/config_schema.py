@@ -184,7 +184,9 @@ class StrategyConfig:
     offload_parameters: bool = False  # deepspeed stage 3: parameters in CPU memory
     gradient_accumulation_steps: int = 1
     activation_checkpointing: bool = False  # recompute GPT/BERT blocks in backward (HF gradient checkpointing)
-    find_unused_parameters: bool = True  # ddp: frozen or conditionally used parameters are fine
+    # ddp: true only for a model with conditionally used parameters (an extra graph traversal per
+    # step); frozen parameters are fine either way, and the towers train every parameter they own
+    find_unused_parameters: bool = False
     # a collective (process-group setup included) that waits longer fails the workers, which
     # Ray then restarts (trainer.max_failures) instead of hanging
     collective_timeout_s: int = 300
