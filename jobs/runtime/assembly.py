@@ -94,6 +94,9 @@ def build_model(cfg: DictConfig, dm: SequenceDataModule) -> TwoTowerModel:
         unfreeze_top_layers=it.unfreeze_top_layers,
         dropout=it.dropout,
         id_dropout=it.id_dropout,
+        chunk_size=it.chunk_size,
+        static_width=it.static_width,
+        compile_encoder=it.compile,
     )
     if dm.cold_mask.any():
         item_tower.set_cold_items(torch.as_tensor(dm.cold_mask))

@@ -89,6 +89,14 @@ class ItemTowerConfig:
     # training: probability that an item's id embedding is dropped for a batch (text alone
     # must then score it: prepares the tower for cold-start items)
     id_dropout: float = 0.0
+    # items per encoder call: a number, or 'auto' (256 on a CPU; on a GPU from its free memory
+    # and the encoder's activations per item, once)
+    chunk_size: Any = "auto"
+    # every chunk at the full max_text_tokens width (the last one padded): static shapes, no
+    # host read of text lengths per step; costs FLOPs when texts are much shorter than the width
+    static_width: bool = False
+    # torch.compile the text encoder on GPUs (never on a CPU); needs static_width=true
+    compile: bool = False
 
 
 @dataclass
@@ -448,6 +456,10 @@ def validate(cfg: DictConfig) -> None:
         fail("model.item_tower.id_dropout", f"must be in [0, 1), got {it.id_dropout}")
     if it.unfreeze_top_layers < 0:
         fail("model.item_tower.unfreeze_top_layers", "must be >= 0")
+    if it.chunk_size != "auto" and (isinstance(it.chunk_size, bool) or not isinstance(it.chunk_size, int) or it.chunk_size < 1):
+        fail("model.item_tower.chunk_size", f"must be 'auto' or an integer >= 1, got {it.chunk_size!r}")
+    if it.compile and not it.static_width:
+        fail("model.item_tower.compile", "torch.compile of the encoder needs model.item_tower.static_width=true (static shapes: one compilation, not one per text width)")
     for stage in ("pretrain", "finetune"):
         s = cfg[stage]
         if s.mlm_weight > 0 and (not it.use_text or (it.freeze_encoder and it.unfreeze_top_layers == 0)):

@@ -8,6 +8,8 @@ import pytorch_lightning as pl
 import torch
 
 from jobs.runtime.assembly import build_datamodule, build_model, build_module
+from lightning_modules.item_tower import activation_bytes_per_item, auto_chunk_size
+from tests.unit.test_towers import tiny_text_tower
 
 
 @pytest.mark.parametrize(
@@ -34,3 +36,41 @@ def test_every_trainable_parameter_gets_a_gradient_in_one_step(stage, overrides,
     assert [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None] == []
     frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
     assert "model.user_tower.gpt.wte.weight" in frozen  # read through inputs_embeds only
+
+
+# ---- item tower: chunks by memory, text widths without per-chunk host reads -------------------
+def test_chunk_size_follows_the_device_and_its_free_memory():
+    base = dict(hidden=768, layers=12, heads=12, tokens=32)
+    assert auto_chunk_size("cpu", None, **base) == 256  # CPU: what it always was
+    assert auto_chunk_size("cuda", None, **base) == 256  # unknown free memory: the same
+    per_item = activation_bytes_per_item(768, 12, 12, 32)
+    assert per_item == 32 * (34 * 768 + 5 * 12 * 32) * 12  # bf16, about 10.8 MB
+    # an H200 with 100 GiB free: a quarter of it holds 2,498 items -> 2,048 (a power of two)
+    assert auto_chunk_size("cuda", 100 * 2**30, **base) == 2048
+    # twice the text tokens, or fp32 activations: half as many items
+    assert auto_chunk_size("cuda", 100 * 2**30, hidden=768, layers=12, heads=12, tokens=64) == 1024
+    assert auto_chunk_size("cuda", 100 * 2**30, **base, bytes_per_value=4) == 1024
+    # large (24 x 1024): 878 items fit -> 512; a nearly full card: the floor; a tiny model: the cap
+    assert auto_chunk_size("cuda", 100 * 2**30, hidden=1024, layers=24, heads=16, tokens=32) == 512
+    assert auto_chunk_size("cuda", 2**28, **base) == 64
+    assert auto_chunk_size("cuda", 100 * 2**30, hidden=32, layers=2, heads=2, tokens=24) == 8192
+
+
+def test_auto_chunk_size_on_a_cpu_is_the_old_fixed_size():
+    tower = tiny_text_tower(chunk_size="auto")
+    assert tower.chunk_size_on(torch.device("cpu")) == 256
+
+
+@pytest.mark.parametrize("static_width", [False, True])
+def test_chunked_encoding_reads_the_host_once_per_call_and_keeps_each_vector(static_width, monkeypatch):
+    tower = tiny_text_tower(chunk_size=2, static_width=static_width).eval()
+    idx = torch.tensor([5, 0, 11, 3, 8, 1, 6])
+    whole = torch.cat([tiny_text_tower().eval().encode_text(i.view(1)) for i in idx])
+    reads = []
+    for name in ("item", "tolist", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
+    got = tower.encode_text(idx)
+    monkeypatch.undo()
+    assert torch.allclose(got, whole, atol=1e-5)
+    assert reads == ([] if static_width else ["tolist"])  # 4 chunks: one read of all their widths, or none
