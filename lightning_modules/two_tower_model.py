@@ -22,6 +22,21 @@ class TwoTowerModel(nn.Module):
         self.normalize = normalize
         self.dropout_targets = dropout_targets  # apply the item tower's dropout to scored items too
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute every GPT-2 block, and every BERT block when any of them trains, in the
+        backward pass instead of keeping their activations (non-reentrant torch checkpointing,
+        dropout replayed with the same random state: the same gradients, less memory)."""
+        modules = [self.user_tower.gpt]
+        encoder = self.item_tower.encoder
+        if encoder is not None and any(p.requires_grad for p in encoder.parameters()):
+            modules.append(encoder)
+        for module in modules:
+            kwargs = {"use_reentrant": False}
+            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.normalize else x
 

@@ -3,12 +3,19 @@ gradient (DDP with find_unused_parameters=False), activation checkpointing, chun
 from the device's memory, and the bank of stale negative item vectors."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import pytorch_lightning as pl
 import torch
 
 from jobs.runtime.assembly import build_datamodule, build_model, build_module
-from lightning_modules.item_tower import activation_bytes_per_item, auto_chunk_size
+from lightning_modules.hf_backbones import build_bert_encoder, build_gpt2
+from lightning_modules.item_tower import ItemTower, activation_bytes_per_item, auto_chunk_size
+from lightning_modules.retrieval_module import RetrievalModule
+from lightning_modules.sampled_softmax import SampledSoftmaxLoss
+from lightning_modules.two_tower_model import TwoTowerModel
+from lightning_modules.user_tower import UserTower
 from tests.unit.test_towers import tiny_text_tower
 
 
@@ -74,3 +81,53 @@ def test_chunked_encoding_reads_the_host_once_per_call_and_keeps_each_vector(sta
     monkeypatch.undo()
     assert torch.allclose(got, whole, atol=1e-5)
     assert reads == ([] if static_width else ["tolist"])  # 4 chunks: one read of all their widths, or none
+
+
+# ---- activation checkpointing -----------------------------------------------------------------
+def _tiny_module(dropout: float = 0.1, **tower) -> RetrievalModule:
+    torch.manual_seed(0)
+    encoder = build_bert_encoder(None, vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, dropout=dropout)
+    ids = torch.randint(5, 50, (40, 6))
+    mask = torch.ones(40, 6, dtype=torch.long)
+    mask[::3, 4:] = 0
+    item_tower = ItemTower(40, 16, encoder, ids, mask, dropout=dropout, **tower)
+    user_tower = UserTower(build_gpt2(n_layer=2, n_head=2, n_embd=16, max_positions=16, dropout=dropout), 16)
+    loss = SampledSoftmaxLoss(torch.ones(40), num_negatives=8)
+    return RetrievalModule(TwoTowerModel(item_tower, user_tower), loss).train()
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(40, (6, 9), generator=g)
+    mask = torch.ones(6, 8, dtype=torch.bool)
+    mask[3:, 6:] = False
+    targets = torch.where(mask, items[:, 1:], torch.full_like(mask, -1, dtype=torch.long))
+    return {"items": items[:, :-1], "mask": mask, "targets": targets}
+
+
+def _grads_and_saved_bytes(module: RetrievalModule) -> tuple[dict[str, torch.Tensor], int]:
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same dropout masks and sampled negatives in both runs
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = module.next_item_loss(_batch())
+    loss.backward()
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}, sum(saved)
+
+
+@pytest.mark.parametrize("tower", [{}, {"freeze_encoder": True, "unfreeze_top_layers": 1}], ids=["trainable", "top-layer"])
+def test_activation_checkpointing_gives_the_same_gradients_with_fewer_saved_activations(tower):
+    plain = _tiny_module(**tower)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.model.enable_activation_checkpointing()
+    expected, plain_bytes = _grads_and_saved_bytes(plain)
+    got, checkpointed_bytes = _grads_and_saved_bytes(checkpointed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert checkpointed_bytes < 0.6 * plain_bytes  # the blocks' activations were not kept
