@@ -9,6 +9,7 @@ import logging
 import pytorch_lightning as pl
 import torch
 
+from lightning_modules.negative_bank import NegativeBank
 from lightning_modules.ranking_metrics import DEFAULT_KS, RankingAccumulator
 from lightning_modules.sampled_softmax import SampledSoftmaxLoss, full_softmax_loss
 from lightning_modules.two_tower_model import TwoTowerModel
@@ -22,6 +23,8 @@ class RetrievalModule(pl.LightningModule):
     ``sampled_loss`` None means a full softmax over the catalog (for small catalogs).
     ``train_positions``: 'all' predicts the next item at every position (causal),
     'last' only after each window's last item.
+    ``negative_bank``: in training, the sampled negatives come from it (their text encoded
+    without gradients, reused for a few steps) instead of fresh draws.
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class RetrievalModule(pl.LightningModule):
         ks: tuple[int, ...] = DEFAULT_KS,
         item_categories: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
+        negative_bank: NegativeBank | None = None,
     ):
         super().__init__()  # argument values are checked by the config schema, before any data is read
         self.model = model
@@ -50,6 +54,7 @@ class RetrievalModule(pl.LightningModule):
         self.ks = tuple(ks)
         self.item_categories = item_categories
         self.label_smoothing = label_smoothing
+        self.negative_bank = negative_bank
         self.val_history: list[dict[str, float]] = []  # one dict of val/* metrics per validation epoch
         self._val: RankingAccumulator | None = None
         self._catalog: torch.Tensor | None = None
@@ -69,9 +74,13 @@ class RetrievalModule(pl.LightningModule):
             logits = self.model.score(users, self.model.catalog_vectors_train())
             tower = self.model.item_tower
             return full_softmax_loss(logits, positives, tower.cold if tower.has_cold else None, self.label_smoothing)
-        cand, labels, log_q = self.sampled_loss.candidates(positives)
-        logits = self.model.score(users, self.model.item_vectors(cand))
-        return self.sampled_loss(logits, labels, log_q)
+        bank = self.negative_bank if self.training else None
+        if bank is None:
+            cand, labels, log_q = self.sampled_loss.candidates(positives)
+            return self.sampled_loss(self.model.score(users, self.model.item_vectors(cand)), labels, log_q)
+        sampled = bank.draw(self.sampled_loss, self.model.item_tower, positives.device)
+        cand, labels, log_q = self.sampled_loss.candidates(positives, sampled=sampled)
+        return self.sampled_loss(self.model.score(users, bank.item_vectors(self.model, cand, positives)), labels, log_q)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.next_item_loss(batch)

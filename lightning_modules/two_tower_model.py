@@ -48,8 +48,9 @@ class TwoTowerModel(nn.Module):
         """One vector per user, after the last item of the history: [B, dim]."""
         return self._out(self.user_tower.last(self.item_tower(items), mask))
 
-    def item_vectors(self, item_idx: torch.Tensor) -> torch.Tensor:
-        return self._out(self.item_tower(item_idx, dropout=self.dropout_targets))
+    def item_vectors(self, item_idx: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """Vectors of items being scored; ``text``: their pooled encodings when already known."""
+        return self._out(self.item_tower(item_idx, dropout=self.dropout_targets, text=text))
 
     def catalog_vectors(self) -> torch.Tensor:
         """Every item's vector without gradients (evaluation)."""

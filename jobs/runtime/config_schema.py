@@ -114,6 +114,11 @@ class LossConfig:
     sampler: Sampler = Sampler.uniform
     popularity_alpha: float = 1.0
     logq_correction: bool = True
+    # bank of stale negatives (sampled_softmax): the negatives' text is encoded without gradients
+    # and reused for this many steps; only each step's positives go through the encoder with
+    # gradients. 0 = off (every candidate encoded afresh, with gradients)
+    bank_refresh_steps: int = 0
+    bank_size: Optional[int] = None  # negatives in the bank (scored every step); null: num_negatives
 
 
 @dataclass
@@ -466,6 +471,14 @@ def validate(cfg: DictConfig) -> None:
             fail(f"{stage}.mlm_weight", "MLM needs model.item_tower.use_text=true and trainable encoder layers (freeze_encoder=false or unfreeze_top_layers>0)")
         if s.loss.num_negatives < 0:
             fail(f"{stage}.loss.num_negatives", "must be >= 0")
+        if s.loss.bank_refresh_steps < 0:
+            fail(f"{stage}.loss.bank_refresh_steps", f"must be >= 0 (0 = no bank), got {s.loss.bank_refresh_steps}")
+        if s.loss.bank_size is not None and s.loss.bank_size < 1:
+            fail(f"{stage}.loss.bank_size", f"must be >= 1 or null (= loss.num_negatives), got {s.loss.bank_size}")
+        if s.loss.bank_refresh_steps and _value(s.loss.kind) != "sampled_softmax":
+            fail(f"{stage}.loss.bank_refresh_steps", "a bank of negatives needs loss.kind=sampled_softmax")
+        if s.loss.bank_refresh_steps and (s.loss.bank_size or s.loss.num_negatives) < 1:
+            fail(f"{stage}.loss.bank_size", "a bank of negatives needs bank_size >= 1 (or num_negatives >= 1)")
         if s.max_epochs < 1:
             fail(f"{stage}.max_epochs", "must be >= 1")
         if s.lr <= 0:

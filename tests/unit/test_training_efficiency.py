@@ -12,6 +12,7 @@ import torch
 from jobs.runtime.assembly import build_datamodule, build_model, build_module
 from lightning_modules.hf_backbones import build_bert_encoder, build_gpt2
 from lightning_modules.item_tower import ItemTower, activation_bytes_per_item, auto_chunk_size
+from lightning_modules.negative_bank import NegativeBank
 from lightning_modules.retrieval_module import RetrievalModule
 from lightning_modules.sampled_softmax import SampledSoftmaxLoss
 from lightning_modules.two_tower_model import TwoTowerModel
@@ -24,10 +25,11 @@ from tests.unit.test_towers import tiny_text_tower
     [
         ("finetune", []),
         ("pretrain", ["pretrain.mlm_weight=0.5"]),
+        ("finetune", ["finetune.loss.bank_refresh_steps=2", "finetune.loss.bank_size=32"]),
         # the packaged MiniLM carries BERT's pooler, which the tower never uses
         ("finetune", ["model.item_tower.pretrained=minilm", "model.item_tower.hidden_size=384", "model.item_tower.num_heads=12"]),
     ],
-    ids=["finetune", "pretrain-mlm", "finetune-minilm-unfrozen"],
+    ids=["finetune", "pretrain-mlm", "finetune-bank", "finetune-minilm-unfrozen"],
 )
 def test_every_trainable_parameter_gets_a_gradient_in_one_step(stage, overrides, tiny_cfg):
     cfg = tiny_cfg(stage, "init_from=null", *overrides)
@@ -40,6 +42,7 @@ def test_every_trainable_parameter_gets_a_gradient_in_one_step(stage, overrides,
     loss.backward()
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     assert any(n.startswith("model.item_tower.encoder.") for n in trainable)  # the BERT does train
+    assert (module.negative_bank is not None) == ("bank" in " ".join(overrides))
     assert [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None] == []
     frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
     assert "model.user_tower.gpt.wte.weight" in frozen  # read through inputs_embeds only
@@ -90,7 +93,7 @@ def _tiny_module(dropout: float = 0.1, **tower) -> RetrievalModule:
     ids = torch.randint(5, 50, (40, 6))
     mask = torch.ones(40, 6, dtype=torch.long)
     mask[::3, 4:] = 0
-    item_tower = ItemTower(40, 16, encoder, ids, mask, dropout=dropout, **tower)
+    item_tower = ItemTower(40, 16, encoder, ids, mask, dropout=dropout, **{"freeze_encoder": False, **tower})
     user_tower = UserTower(build_gpt2(n_layer=2, n_head=2, n_embd=16, max_positions=16, dropout=dropout), 16)
     loss = SampledSoftmaxLoss(torch.ones(40), num_negatives=8)
     return RetrievalModule(TwoTowerModel(item_tower, user_tower), loss).train()
@@ -128,6 +131,62 @@ def test_activation_checkpointing_gives_the_same_gradients_with_fewer_saved_acti
     expected, plain_bytes = _grads_and_saved_bytes(plain)
     got, checkpointed_bytes = _grads_and_saved_bytes(checkpointed)
     assert expected.keys() == got.keys()
+    assert any(name.startswith("model.item_tower.encoder.encoder.layer.1.") for name in expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
     assert checkpointed_bytes < 0.6 * plain_bytes  # the blocks' activations were not kept
+
+
+# ---- bank of stale negatives ------------------------------------------------------------------
+def _bank_and_fresh(refresh_steps: int, size: int = 8) -> tuple[RetrievalModule, RetrievalModule]:
+    fresh = _tiny_module(dropout=0.0)
+    banked = copy.deepcopy(fresh)
+    banked.negative_bank = NegativeBank(size, refresh_steps)
+    return fresh, banked
+
+
+def _loss_and_grads(module: RetrievalModule, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = module.next_item_loss(_batch(seed))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_bank_refreshed_every_step_scores_like_fresh_encoding():
+    fresh, banked = _bank_and_fresh(refresh_steps=1)
+    for seed in range(3):
+        expected, fresh_grads = _loss_and_grads(fresh, seed)
+        got, bank_grads = _loss_and_grads(banked, seed)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert bank_grads.keys() == fresh_grads.keys()
+        for name, grad in fresh_grads.items():
+            if not name.startswith("model.item_tower.encoder."):
+                torch.testing.assert_close(bank_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        # the negatives' text carries no encoder gradient: only the positives' and the histories' do
+        encoder = [n for n in fresh_grads if n.startswith("model.item_tower.encoder.")]
+        assert encoder and not torch.allclose(torch.cat([bank_grads[n].flatten() for n in encoder]), torch.cat([fresh_grads[n].flatten() for n in encoder]))
+    assert banked.negative_bank.refreshes == 3
+
+
+def test_a_bank_is_reused_for_refresh_steps_steps_and_encodes_only_the_positives_in_between():
+    _, banked = _bank_and_fresh(refresh_steps=3, size=16)
+    tower = banked.model.item_tower
+    encoded: list[int] = []
+    original = tower.encode_text
+    tower.encode_text = lambda idx: encoded.append(idx.numel()) or original(idx)
+    drawn = []
+    for seed in range(7):
+        _loss_and_grads(banked, seed)
+        drawn.append(banked.negative_bank.items.clone())
+    assert banked.negative_bank.refreshes == 3  # steps 0, 3, 6
+    assert torch.equal(drawn[0], drawn[2]) and not torch.equal(drawn[2], drawn[3])
+    histories = [torch.unique(_batch(s)["items"]).numel() for s in range(7)]
+    positives = [torch.unique(_batch(s)["targets"][_batch(s)["targets"] >= 0]).numel() for s in range(7)]
+    banks = [torch.unique(drawn[s]).numel() for s in (0, 3, 6)]
+    # encoder calls, each step: the user tower's inputs, the bank's distinct items when it is
+    # refreshed, the distinct positives; never the negatives otherwise
+    expected = []
+    for step in range(7):
+        expected += [histories[step], *([banks[step // 3]] if step % 3 == 0 else []), positives[step]]
+    assert encoded == expected
