@@ -111,6 +111,12 @@ class RetrievalModule(pl.LightningModule):
         self._val, self._catalog = None, None
 
     # ---- optimiser -----------------------------------------------------------------------
+    def _on_cuda(self) -> bool:
+        """Training on a CUDA device (the strategy's, when attached to a trainer: DeepSpeed
+        builds the optimiser before it moves the model there)."""
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        return device.type == "cuda"
+
     def configure_optimizers(self):
         encoder = self.model.item_tower.encoder
         encoder_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
@@ -124,7 +130,7 @@ class RetrievalModule(pl.LightningModule):
             {"params": ps, "lr": self.lr * (self.encoder_lr_scale if is_enc else 1.0), "weight_decay": self.weight_decay if decay else 0.0}
             for (is_enc, decay), ps in sorted(groups.items())
         ]
-        optimizer = torch.optim.AdamW(param_groups, lr=self.lr)
+        optimizer = torch.optim.AdamW(param_groups, lr=self.lr, fused=self._on_cuda() or None)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self.lr_schedule == "cosine" else 0
         warmup = self.warmup_steps
 

@@ -4,6 +4,7 @@ from the device's memory, and the bank of stale negative item vectors."""
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -190,3 +191,18 @@ def test_a_bank_is_reused_for_refresh_steps_steps_and_encodes_only_the_positives
     for step in range(7):
         expected += [histories[step], *([banks[step // 3]] if step % 3 == 0 else []), positives[step]]
     assert encoded == expected
+
+
+# ---- fused optimiser --------------------------------------------------------------------------
+@pytest.mark.parametrize("device, fused", [("cpu", None), ("cuda", True)])
+def test_adamw_is_fused_when_training_on_cuda(device, fused):
+    module = _tiny_module()
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))  # what the strategy says
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is fused
+
+
+def test_the_encoder_is_never_compiled_on_a_cpu():
+    tower = tiny_text_tower(static_width=True, compile_encoder=True)
+    tower.encode_text(torch.arange(5))
+    assert not tower._compiled and not hasattr(tower.encoder, "_compiled_call_impl") or tower.encoder._compiled_call_impl is None
