@@ -2,8 +2,8 @@
 # GPU readiness check, bounded to about 7.5 minutes on one GPU (BUDGET seconds, default 420, for
 # the training runs): for the `base` (about GPT-2 small + BERT-base) and `large` (GPT-2 medium +
 # BERT-large) models, a few training steps each of the plain PyTorch loop (the baseline), ddp,
-# DeepSpeed ZeRO-2 and ZeRO-3, with and without activation checkpointing, then the bank of stale
-# negatives; samples/s, tokens/s, MFU and peak memory per run, ratios against the plain loop of
+# DeepSpeed ZeRO-2 and ZeRO-3, with and without activation checkpointing, then one encoder pass
+# for histories and scored items, and the bank of stale negatives; samples/s, tokens/s, MFU and peak memory per run, ratios against the plain loop of
 # the same run, and a torch.profiler table of the top kernels of `base`. Runs that do not fit in
 # the budget are listed as skipped; a run that fails (out of memory) is listed with its error.
 #
@@ -68,7 +68,9 @@ run large-plain-ckpt --scale large --strategy plain --activation-checkpointing
 run large-ddp-ckpt --scale large --strategy ddp --activation-checkpointing
 run large-zero2-ckpt --scale large --strategy deepspeed_stage_2 --activation-checkpointing
 run large-zero3-ckpt --scale large --strategy deepspeed_stage_3 --activation-checkpointing
-run base-plain-bank10 --scale base --strategy plain --bank-refresh-steps 10
+run base-plain-shared --scale base --strategy plain --shared-encoding
+run base-plain-shared-bank10 --scale base --strategy plain --shared-encoding --bank-refresh-steps 10
+run large-zero2-ckpt-shared-bank10 --scale large --strategy deepspeed_stage_2 --activation-checkpointing --shared-encoding --bank-refresh-steps 10
 run large-plain --scale large --strategy plain
 run large-ddp --scale large --strategy ddp
 run large-zero2 --scale large --strategy deepspeed_stage_2

@@ -317,21 +317,22 @@ class ItemTower(nn.Module):
             log.info("item tower: cached frozen text encodings of %d items", self.num_items)
         return self._text_cache[item_idx]
 
-    def forward(self, item_idx: torch.Tensor, dropout: bool = True, text: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, item_idx: torch.Tensor, dropout: bool = True, encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Item vectors for any-shaped index tensor: [...] -> [..., dim].
 
         ``dropout`` False skips the tower's dropout (scoring targets: dropout regularises the
         user tower's inputs, while noise on the vectors being scored only blurs the softmax).
-        ``text``: the items' pooled encodings, already computed ([n, hidden] for a 1-d tensor of
-        unique items, e.g. stale ones from a bank of negatives): the encoder is not run."""
+        ``encoded``: (sorted distinct items [k], their pooled text encodings [k, hidden]) already
+        computed (in one pass for several uses, or stale ones from a bank of negatives), covering
+        every item asked for: the encoder is not run."""
         flat = item_idx.reshape(-1)
-        if text is None:
-            unique, inverse = torch.unique(flat, return_inverse=True)
-        else:
-            unique, inverse = flat, torch.arange(flat.numel(), device=flat.device)
+        unique, inverse = torch.unique(flat, return_inverse=True)
         out = None
         if self.encoder is not None:
-            if text is None:
+            if encoded is not None:
+                known, text = encoded
+                text = text[torch.searchsorted(known, unique)]
+            else:
                 text = self._frozen_text(unique) if self.encoder_frozen else self.encode_text(unique)
             out = self.text_proj(text)
         if self.id_embedding is not None:

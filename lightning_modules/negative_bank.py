@@ -8,6 +8,7 @@ the next ``refresh_steps`` steps. The projection and id embedding still apply fr
 gradients; the positives of each step go through the encoder as before. With
 ``refresh_steps=1`` and ``size`` equal to the number of negatives, a step scores exactly what
 fresh encoding scores (only the encoder's gradient through the negatives is left out).
+``RetrievalModule.next_item_loss`` merges the bank's encodings with the fresh ones (``merge``).
 """
 from __future__ import annotations
 
@@ -52,14 +53,11 @@ class NegativeBank(nn.Module):
             tower.encoder.train(was_training)
         self.refreshes += 1
 
-    def item_vectors(self, model, cand: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-        """Vectors of the candidates [C] (unique, sorted): the positives encoded afresh, the other
-        candidates (all of them bank items) from the bank's encodings."""
-        if self.text is None:
-            return model.item_vectors(cand)
-        fresh = torch.isin(cand, positives)
-        fresh_rows, stale_rows = fresh.nonzero().squeeze(1), (~fresh).nonzero().squeeze(1)
-        stale = cand[stale_rows]
-        text = self.text[torch.searchsorted(self.unique, stale)]
-        vectors = torch.cat([model.item_vectors(cand[fresh_rows]), model.item_vectors(stale, text=text.to(model.item_tower.text_proj.weight.dtype))])
-        return vectors[torch.argsort(torch.cat([fresh_rows, stale_rows]))]
+    def merge(self, fresh: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One table of encodings (sorted distinct items, their texts): the ``fresh`` ones (with
+        gradients) and the bank's stale ones of every other item. The bank must hold encodings."""
+        items, text = fresh
+        stale = ~torch.isin(self.unique, items)
+        merged = torch.cat([items, self.unique[stale]])
+        order = torch.argsort(merged)
+        return merged[order], torch.cat([text, self.text[stale].to(text.dtype)])[order]

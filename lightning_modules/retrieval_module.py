@@ -25,6 +25,8 @@ class RetrievalModule(pl.LightningModule):
     'last' only after each window's last item.
     ``negative_bank``: in training, the sampled negatives come from it (their text encoded
     without gradients, reused for a few steps) instead of fresh draws.
+    ``shared_item_encoding``: in training, the histories' items and the scored items go through
+    a trainable text encoder in one pass (their union) instead of two.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class RetrievalModule(pl.LightningModule):
         item_categories: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
         negative_bank: NegativeBank | None = None,
+        shared_item_encoding: bool = False,
     ):
         super().__init__()  # argument values are checked by the config schema, before any data is read
         self.model = model
@@ -55,32 +58,44 @@ class RetrievalModule(pl.LightningModule):
         self.item_categories = item_categories
         self.label_smoothing = label_smoothing
         self.negative_bank = negative_bank
+        self.shared_item_encoding = shared_item_encoding
         self.val_history: list[dict[str, float]] = []  # one dict of val/* metrics per validation epoch
         self._val: RankingAccumulator | None = None
         self._catalog: torch.Tensor | None = None
 
     # ---- objective -------------------------------------------------------------------
     def next_item_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        states = self.model.user_states(batch["items"], batch["mask"])
-        targets = batch["targets"]
+        items, mask, targets = batch["items"], batch["mask"], batch["targets"]
         if self.train_positions == "last":
-            last = batch["mask"].long().sum(dim=1) - 1
             rows = torch.arange(targets.shape[0], device=targets.device)
-            users, positives = states[rows, last], targets[rows, last]
+            select = (rows, mask.long().sum(dim=1) - 1)
         else:
-            keep = targets >= 0
-            users, positives = states[keep], targets[keep]
+            select = targets >= 0
+        positives = targets[select]
+        tower = self.model.item_tower
+        shared = self.shared_item_encoding and self.training and tower.encoder is not None and not tower.encoder_frozen
+        states = None if shared else self.model.user_states(items, mask)
+        bank = self.negative_bank if self.training and self.sampled_loss is not None else None
+        sampled = bank.draw(self.sampled_loss, tower, positives.device) if bank is not None else None
+        if self.sampled_loss is not None:
+            cand, labels, log_q = self.sampled_loss.candidates(positives, sampled=sampled)
+        stale = bank is not None and bank.text is not None
+        encoded = None  # (items, text encodings) computed once here, for every use below
+        if shared or stale:
+            # through the encoder with gradients: what is scored (with a bank: the positives only;
+            # with a full softmax: the catalog), and the histories when shared with them
+            scored = positives if stale else cand if self.sampled_loss is not None else torch.arange(tower.num_items, device=positives.device)
+            fresh = torch.unique(torch.cat([items.reshape(-1), scored]) if shared else scored)
+            encoded = (fresh, tower.encode_text(fresh))
+        if shared:
+            states = self.model.user_states(items, mask, encoded=encoded)
+        users = states[select]
+        if stale:
+            encoded = bank.merge(encoded)
         if self.sampled_loss is None:
-            logits = self.model.score(users, self.model.catalog_vectors_train())
-            tower = self.model.item_tower
+            logits = self.model.score(users, self.model.catalog_vectors_train(encoded=encoded))
             return full_softmax_loss(logits, positives, tower.cold if tower.has_cold else None, self.label_smoothing)
-        bank = self.negative_bank if self.training else None
-        if bank is None:
-            cand, labels, log_q = self.sampled_loss.candidates(positives)
-            return self.sampled_loss(self.model.score(users, self.model.item_vectors(cand)), labels, log_q)
-        sampled = bank.draw(self.sampled_loss, self.model.item_tower, positives.device)
-        cand, labels, log_q = self.sampled_loss.candidates(positives, sampled=sampled)
-        return self.sampled_loss(self.model.score(users, bank.item_vectors(self.model, cand, positives)), labels, log_q)
+        return self.sampled_loss(self.model.score(users, self.model.item_vectors(cand, encoded=encoded)), labels, log_q)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.next_item_loss(batch)

@@ -133,6 +133,7 @@ def build_module(cfg: DictConfig, stage: str, model: TwoTowerModel, dm: Sequence
         item_categories=category_matrix(dm.item_categories),
         label_smoothing=cfg.trainer.label_smoothing,
         negative_bank=bank,
+        shared_item_encoding=cfg.model.item_tower.shared_encoding,
     )
     if stage == "pretrain":
         mask_id, specials = None, ()

@@ -97,6 +97,9 @@ class ItemTowerConfig:
     static_width: bool = False
     # torch.compile the text encoder on GPUs (never on a CPU); needs static_width=true
     compile: bool = False
+    # training with a trainable encoder: the histories' items and the scored items go through it
+    # in one pass (their union) instead of two; the same loss, other random dropout draws
+    shared_encoding: bool = False
 
 
 @dataclass

@@ -206,3 +206,34 @@ def test_the_encoder_is_never_compiled_on_a_cpu():
     tower = tiny_text_tower(static_width=True, compile_encoder=True)
     tower.encode_text(torch.arange(5))
     assert not tower._compiled and not hasattr(tower.encoder, "_compiled_call_impl") or tower.encoder._compiled_call_impl is None
+
+
+# ---- one encoder pass for the histories and the scored items ----------------------------------
+@pytest.mark.parametrize("loss", ["sampled", "full", "bank"])
+def test_shared_item_encoding_gives_the_same_loss_and_gradients_in_one_encoder_pass(loss):
+    plain = _tiny_module(dropout=0.0)
+    if loss == "full":
+        plain.sampled_loss = None
+    if loss == "bank":
+        plain.negative_bank = NegativeBank(8, refresh_steps=2)
+    shared = copy.deepcopy(plain)
+    shared.shared_item_encoding = True
+    encoded: list[int] = []
+    original = shared.model.item_tower.encode_text
+    shared.model.item_tower.encode_text = lambda idx: encoded.append(idx.numel()) or original(idx)
+    for seed in range(2):
+        expected, expected_grads = _loss_and_grads(plain, seed)
+        got, grads = _loss_and_grads(shared, seed)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert grads.keys() == expected_grads.keys()
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    batches = [_batch(seed) for seed in range(2)]
+    histories = [set(b["items"].flatten().tolist()) for b in batches]
+    if loss == "full":
+        assert encoded == [40, 40]  # the catalog, once per step (not once more for the histories)
+    elif loss == "bank":  # the bank's items at its refresh, then histories and positives together
+        positives = [set(b["targets"][b["targets"] >= 0].tolist()) for b in batches]
+        assert len(encoded) == 3 and encoded[1:] == [len(h | p) for h, p in zip(histories, positives)]
+    else:
+        assert len(encoded) == 2 and all(n >= len(h) for n, h in zip(encoded, histories))
