@@ -75,6 +75,8 @@ run large-plain --scale large --strategy plain
 run large-ddp --scale large --strategy ddp
 run large-zero2 --scale large --strategy deepspeed_stage_2
 run large-zero3 --scale large --strategy deepspeed_stage_3
+run large-zero3-offload-ckpt --scale large --strategy deepspeed_stage_3_offload --activation-checkpointing
+run base-plain-compile --scale base --strategy plain --static-width --compile
 echo "== training runs took $((SECONDS - start)) s"
 $PY bench/gpu_check_summary.py "$OUT" | tee "$OUT/summary.md"
 echo "== top kernels of base (plain loop, two steps)"
