@@ -3,8 +3,10 @@
 Nearly all of a fine-tuning step's FLOPs go to the BERT tower encoding every candidate item
 with its activations kept for the backward pass. The negatives need no gradient through the
 text encoder to be useful: the bank draws ``size`` negatives from the sampler's proposal, encodes
-their text once without gradients (in eval mode), and serves them as the sampled negatives of
-the next ``refresh_steps`` steps. The projection and id embedding still apply fresh, with
+their text once without gradients, and serves them as the sampled negatives of the next
+``refresh_steps`` steps. They are encoded in the encoder's current mode, dropout included, as the
+positives are: negatives encoded without dropout would differ from every positive in a way the
+model could learn to recognise (and every item is encoded without dropout at evaluation). The projection and id embedding still apply fresh, with
 gradients; the positives of each step go through the encoder as before. With
 ``refresh_steps=1`` and ``size`` equal to the number of negatives, a step scores exactly what
 fresh encoding scores (only the encoder's gradient through the negatives is left out).
@@ -47,10 +49,7 @@ class NegativeBank(nn.Module):
         self.unique = torch.unique(self.items)
         self.text = None
         if tower.encoder is not None and not tower.encoder_frozen:  # a frozen tower caches its text itself
-            was_training = tower.encoder.training
-            tower.encoder.eval()
             self.text = tower.encode_text(self.unique)
-            tower.encoder.train(was_training)
         self.refreshes += 1
 
     def merge(self, fresh: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

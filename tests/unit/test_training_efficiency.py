@@ -237,3 +237,13 @@ def test_shared_item_encoding_gives_the_same_loss_and_gradients_in_one_encoder_p
         assert len(encoded) == 3 and encoded[1:] == [len(h | p) for h, p in zip(histories, positives)]
     else:
         assert len(encoded) == 2 and all(n >= len(h) for n, h in zip(encoded, histories))
+
+
+def test_the_bank_encodes_its_negatives_with_dropout_as_the_positives_are():
+    module = _tiny_module(dropout=0.5)
+    bank = NegativeBank(16, refresh_steps=5)
+    tower = module.model.item_tower
+    bank.refresh(module.sampled_loss, tower, torch.device("cpu"))
+    with torch.no_grad():
+        clean = tower.eval().encode_text(bank.unique)
+    assert tower.train().encoder.training and not torch.allclose(bank.text, clean)  # not the eval-mode encoding
