@@ -9,6 +9,42 @@ from transformers.masking_utils import create_bidirectional_mask
 
 log = logging.getLogger(__name__)
 
+CPU_CHUNK_SIZE = 256
+
+
+def activation_bytes_per_item(hidden: int, layers: int, heads: int, tokens: int, bytes_per_value: int = 2) -> int:
+    """Activations one text of ``tokens`` tokens keeps through ``layers`` BERT layers for the
+    backward pass: ``tokens * (34 * hidden + 5 * heads * tokens)`` bytes per layer in 16-bit
+    (Korthikanti et al. 2022, dropout masks and attention scores included), scaled to the width
+    of the activations' dtype."""
+    return tokens * (34 * hidden + 5 * heads * tokens) * layers * bytes_per_value // 2
+
+
+def auto_chunk_size(
+    device_type: str,
+    free_bytes: int | None,
+    hidden: int,
+    layers: int,
+    heads: int,
+    tokens: int,
+    bytes_per_value: int = 2,
+    memory_fraction: float = 0.25,
+    cpu_chunk: int = CPU_CHUNK_SIZE,
+    smallest: int = 64,
+    largest: int = 8192,
+) -> int:
+    """Items encoded per chunk: ``cpu_chunk`` on a CPU (caches, not memory, bound it there); on an
+    accelerator, as many items as fit in ``memory_fraction`` of its free memory by their
+    activations (``activation_bytes_per_item``), rounded down to a power of two within
+    [``smallest``, ``largest``]. Larger chunks make larger kernels: 256 items leave an H200 idle."""
+    if device_type == "cpu" or free_bytes is None:
+        return cpu_chunk
+    per_item = max(1, activation_bytes_per_item(hidden, layers, heads, tokens, bytes_per_value))
+    fits = int(free_bytes * memory_fraction) // per_item
+    if fits < smallest:
+        return smallest
+    return min(largest, 1 << (fits.bit_length() - 1))
+
 
 def tokenize_catalog(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention masks of every item text, padded to a common length."""
@@ -36,9 +72,11 @@ class ItemTower(nn.Module):
         freeze_encoder: bool = True,
         unfreeze_top_layers: int = 0,
         dropout: float = 0.1,
-        chunk_size: int = 256,
+        chunk_size: int | str = CPU_CHUNK_SIZE,
         cache_frozen_layers_max_bytes: int = 2**31,
         id_dropout: float = 0.0,
+        static_width: bool = False,
+        compile_encoder: bool = False,
     ):
         super().__init__()
         # config values are checked once, by the config schema (jobs/runtime/config_schema.py);
@@ -48,7 +86,15 @@ class ItemTower(nn.Module):
         self.num_items = num_items
         self.dim = dim
         self.pooling = pooling
+        # items per encoder call: a number, or 'auto' (from the device and its free memory, once)
         self.chunk_size = chunk_size
+        self._auto_chunks: dict[torch.device, int] = {}
+        # True: every chunk at the catalog's token width and the same number of rows (the last
+        # one padded): static shapes for torch.compile, and no read of text lengths by the host
+        self.static_width = static_width
+        # torch.compile the encoder (accelerators only; needs static_width for static shapes)
+        self.compile_encoder = compile_encoder
+        self._compiled = False
         self.encoder = encoder
         self.id_embedding = nn.Embedding(num_items, dim) if use_id_embedding else None
         if self.id_embedding is not None:
@@ -144,6 +190,9 @@ class ItemTower(nn.Module):
         if freeze and unfreeze_top_layers:
             for layer in layers[len(layers) - unfreeze_top_layers :]:
                 layer.requires_grad_(True)
+        if getattr(self.encoder, "pooler", None) is not None:
+            # the tower pools the last hidden states itself: BERT's pooler is never used
+            self.encoder.pooler.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "ItemTower":
         """A fully frozen encoder stays in eval mode (no dropout), whatever the tower's mode.
@@ -165,26 +214,67 @@ class ItemTower(nn.Module):
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
+    def chunk_size_on(self, device: torch.device) -> int:
+        """Items per encoder call on ``device`` (``chunk_size``, or its 'auto' value there)."""
+        if self.chunk_size != "auto":
+            return int(self.chunk_size)
+        if device not in self._auto_chunks:
+            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+            config = self.encoder.config if self.encoder is not None else None
+            size = CPU_CHUNK_SIZE
+            if config is not None:
+                trainable = sum(any(p.requires_grad for p in layer.parameters()) for layer in self.encoder.encoder.layer)
+                autocast = device.type != "cpu" and torch.is_autocast_enabled(device.type)
+                width = 2 if autocast else next(self.encoder.parameters()).element_size()
+                size = auto_chunk_size(device.type, free, config.hidden_size, max(1, trainable), config.num_attention_heads, self.token_ids.shape[1], width)
+            self._auto_chunks[device] = size
+            log.info("item tower: %d items per encoder chunk on %s", size, device)
+        return self._auto_chunks[device]
+
     def encode_text(self, item_idx: torch.Tensor) -> torch.Tensor:
         """Pooled encoder output for the given (unique) items: [n, hidden]. Many items are
-        encoded in chunks of similar text length, each cut to its longest text."""
+        encoded in chunks of similar text length, each cut to its longest text (the widths of
+        all chunks are read by the host at once), or all at the catalog's width (static_width)."""
         assert self.encoder is not None
-        if item_idx.numel() > self.chunk_size:
-            order = torch.argsort(self.attention_mask[item_idx].sum(dim=1), stable=True)
-            pooled = torch.cat([self._encode_chunk(item_idx[c]) for c in order.split(self.chunk_size)])
-            return pooled[torch.argsort(order)]
-        return self._encode_chunk(item_idx)
+        self._maybe_compile(item_idx.device)
+        size = self.chunk_size_on(item_idx.device)
+        n = item_idx.numel()
+        if self.static_width and n:
+            width = self.token_ids.shape[1]
+            padded = torch.nn.functional.pad(item_idx, (0, -n % size))  # the last chunk full-sized too
+            return torch.cat([self._encode_chunk(c, width) for c in padded.split(size)])[:n]
+        lengths = self.attention_mask[item_idx].sum(dim=1)
+        if n <= size:
+            width = int(lengths.max()) if n else 1
+            return self._encode_chunk(item_idx, self._round_width(width, item_idx.device))
+        order = torch.argsort(lengths, stable=True)
+        last = torch.arange(size - 1, n + size - 1, size, device=item_idx.device).clamp(max=n - 1)
+        widths = lengths[order][last].tolist()  # one host read for every chunk
+        chunks = order.split(size)
+        pooled = torch.cat([self._encode_chunk(item_idx[c], self._round_width(w, item_idx.device)) for c, w in zip(chunks, widths)])
+        return pooled[torch.argsort(order)]
 
-    def _encode_chunk(self, item_idx: torch.Tensor) -> torch.Tensor:
-        ids = self.token_ids[item_idx]
-        mask = self.attention_mask[item_idx]
-        width = int(mask.sum(dim=1).max().item()) if mask.numel() else 1
+    def _round_width(self, width: int, device: torch.device) -> int:
+        """On accelerators widths go up to a multiple of 8 (tensor cores; few distinct shapes)."""
+        if device.type == "cpu":
+            return max(1, width)
+        return min(self.token_ids.shape[1], max(8, -(-width // 8) * 8))
+
+    def _maybe_compile(self, device: torch.device) -> None:
+        if self.compile_encoder and not self._compiled and device.type != "cpu":
+            self.encoder.compile(dynamic=False)  # in place: the state dict keeps its keys
+            self._compiled = True
+            log.info("item tower: encoder compiled with torch.compile")
+
+    def _encode_chunk(self, item_idx: torch.Tensor, width: int) -> torch.Tensor:
+        ids = self.token_ids[item_idx, :width]
+        mask = self.attention_mask[item_idx, :width]
         bottom = self._frozen_bottom_states()
         if bottom is None:
-            hidden = self.encoder(input_ids=ids[:, :width], attention_mask=mask[:, :width]).last_hidden_state
+            hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         else:
-            hidden = self._run_layers(bottom[item_idx, :width], mask[:, :width], self.frozen_bottom)
-        return self._pool(hidden, mask[:, :width])
+            hidden = self._run_layers(bottom[item_idx, :width], mask, self.frozen_bottom)
+        return self._pool(hidden, mask)
 
     def _run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, first: int, last: int | None = None) -> torch.Tensor:
         """Encoder layers ``first``..``last`` over hidden states (bidirectional, padding masked)."""
@@ -213,7 +303,8 @@ class ItemTower(nn.Module):
         was_training = self.encoder.training
         self.encoder.eval()
         chunks = []
-        for ids, mask in zip(token_ids.split(self.chunk_size), attention_mask.split(self.chunk_size)):
+        size = self.chunk_size_on(token_ids.device)
+        for ids, mask in zip(token_ids.split(size), attention_mask.split(size)):
             chunks.append(self._run_layers(self.encoder.embeddings(input_ids=ids), mask, 0, self.frozen_bottom))
         self.encoder.train(was_training)
         return torch.cat(chunks)
@@ -222,20 +313,27 @@ class ItemTower(nn.Module):
         if self._text_cache is None or self._text_cache.device != item_idx.device:
             with torch.no_grad():
                 all_idx = torch.arange(self.num_items, device=item_idx.device)
-                self._text_cache = torch.cat([self.encode_text(c) for c in all_idx.split(self.chunk_size)])
+                self._text_cache = torch.cat([self.encode_text(c) for c in all_idx.split(self.chunk_size_on(item_idx.device))])
             log.info("item tower: cached frozen text encodings of %d items", self.num_items)
         return self._text_cache[item_idx]
 
-    def forward(self, item_idx: torch.Tensor, dropout: bool = True) -> torch.Tensor:
+    def forward(self, item_idx: torch.Tensor, dropout: bool = True, encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Item vectors for any-shaped index tensor: [...] -> [..., dim].
 
         ``dropout`` False skips the tower's dropout (scoring targets: dropout regularises the
-        user tower's inputs, while noise on the vectors being scored only blurs the softmax)."""
+        user tower's inputs, while noise on the vectors being scored only blurs the softmax).
+        ``encoded``: (sorted distinct items [k], their pooled text encodings [k, hidden]) already
+        computed (in one pass for several uses, or stale ones from a bank of negatives), covering
+        every item asked for: the encoder is not run."""
         flat = item_idx.reshape(-1)
         unique, inverse = torch.unique(flat, return_inverse=True)
         out = None
         if self.encoder is not None:
-            text = self._frozen_text(unique) if self.encoder_frozen else self.encode_text(unique)
+            if encoded is not None:
+                known, text = encoded
+                text = text[torch.searchsorted(known, unique)]
+            else:
+                text = self._frozen_text(unique) if self.encoder_frozen else self.encode_text(unique)
             out = self.text_proj(text)
         if self.id_embedding is not None:
             ids = self.id_embedding(unique)
@@ -254,4 +352,4 @@ class ItemTower(nn.Module):
         """Vectors of the whole catalog, [num_items, dim], computed in chunks."""
         device = next(self.parameters()).device
         idx = torch.arange(self.num_items, device=device)
-        return torch.cat([self.forward(c) for c in idx.split(self.chunk_size)])
+        return torch.cat([self.forward(c) for c in idx.split(self.chunk_size_on(device))])

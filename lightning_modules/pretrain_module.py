@@ -42,6 +42,9 @@ class PretrainModule(RetrievalModule):
                 raise ValueError("MLM needs the tokenizer's mask token id")
             self.mlm_head = BertOnlyMLMHead(encoder.config)
             self.mlm_head.predictions.decoder.weight = encoder.embeddings.word_embeddings.weight
+            # the head's forward adds decoder.bias only: one bias, else `predictions.bias` is a
+            # trainable parameter that never gets a gradient (as BertForMaskedLM ties them)
+            self.mlm_head.predictions.bias = self.mlm_head.predictions.decoder.bias
             self.mask_token_id = mask_token_id
             self.register_buffer("special_ids", torch.tensor(sorted(set(special_token_ids)), dtype=torch.long), persistent=False)
 

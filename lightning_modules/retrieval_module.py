@@ -9,6 +9,7 @@ import logging
 import pytorch_lightning as pl
 import torch
 
+from lightning_modules.negative_bank import NegativeBank
 from lightning_modules.ranking_metrics import DEFAULT_KS, RankingAccumulator
 from lightning_modules.sampled_softmax import SampledSoftmaxLoss, full_softmax_loss
 from lightning_modules.two_tower_model import TwoTowerModel
@@ -22,6 +23,10 @@ class RetrievalModule(pl.LightningModule):
     ``sampled_loss`` None means a full softmax over the catalog (for small catalogs).
     ``train_positions``: 'all' predicts the next item at every position (causal),
     'last' only after each window's last item.
+    ``negative_bank``: in training, the sampled negatives come from it (their text encoded
+    without gradients, reused for a few steps) instead of fresh draws.
+    ``shared_item_encoding``: in training, the histories' items and the scored items go through
+    a trainable text encoder in one pass (their union) instead of two.
     """
 
     def __init__(
@@ -37,6 +42,8 @@ class RetrievalModule(pl.LightningModule):
         ks: tuple[int, ...] = DEFAULT_KS,
         item_categories: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
+        negative_bank: NegativeBank | None = None,
+        shared_item_encoding: bool = False,
     ):
         super().__init__()  # argument values are checked by the config schema, before any data is read
         self.model = model
@@ -50,28 +57,45 @@ class RetrievalModule(pl.LightningModule):
         self.ks = tuple(ks)
         self.item_categories = item_categories
         self.label_smoothing = label_smoothing
+        self.negative_bank = negative_bank
+        self.shared_item_encoding = shared_item_encoding
         self.val_history: list[dict[str, float]] = []  # one dict of val/* metrics per validation epoch
         self._val: RankingAccumulator | None = None
         self._catalog: torch.Tensor | None = None
 
     # ---- objective -------------------------------------------------------------------
     def next_item_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        states = self.model.user_states(batch["items"], batch["mask"])
-        targets = batch["targets"]
+        items, mask, targets = batch["items"], batch["mask"], batch["targets"]
         if self.train_positions == "last":
-            last = batch["mask"].long().sum(dim=1) - 1
             rows = torch.arange(targets.shape[0], device=targets.device)
-            users, positives = states[rows, last], targets[rows, last]
+            select = (rows, mask.long().sum(dim=1) - 1)
         else:
-            keep = targets >= 0
-            users, positives = states[keep], targets[keep]
+            select = targets >= 0
+        positives = targets[select]
+        tower = self.model.item_tower
+        shared = self.shared_item_encoding and self.training and tower.encoder is not None and not tower.encoder_frozen
+        states = None if shared else self.model.user_states(items, mask)
+        bank = self.negative_bank if self.training and self.sampled_loss is not None else None
+        sampled = bank.draw(self.sampled_loss, tower, positives.device) if bank is not None else None
+        if self.sampled_loss is not None:
+            cand, labels, log_q = self.sampled_loss.candidates(positives, sampled=sampled)
+        stale = bank is not None and bank.text is not None
+        encoded = None  # (items, text encodings) computed once here, for every use below
+        if shared or stale:
+            # through the encoder with gradients: what is scored (with a bank: the positives only;
+            # with a full softmax: the catalog), and the histories when shared with them
+            scored = positives if stale else cand if self.sampled_loss is not None else torch.arange(tower.num_items, device=positives.device)
+            fresh = torch.unique(torch.cat([items.reshape(-1), scored]) if shared else scored)
+            encoded = (fresh, tower.encode_text(fresh))
+        if shared:
+            states = self.model.user_states(items, mask, encoded=encoded)
+        users = states[select]
+        if stale:
+            encoded = bank.merge(encoded)
         if self.sampled_loss is None:
-            logits = self.model.score(users, self.model.catalog_vectors_train())
-            tower = self.model.item_tower
+            logits = self.model.score(users, self.model.catalog_vectors_train(encoded=encoded))
             return full_softmax_loss(logits, positives, tower.cold if tower.has_cold else None, self.label_smoothing)
-        cand, labels, log_q = self.sampled_loss.candidates(positives)
-        logits = self.model.score(users, self.model.item_vectors(cand))
-        return self.sampled_loss(logits, labels, log_q)
+        return self.sampled_loss(self.model.score(users, self.model.item_vectors(cand, encoded=encoded)), labels, log_q)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.next_item_loss(batch)
@@ -102,6 +126,12 @@ class RetrievalModule(pl.LightningModule):
         self._val, self._catalog = None, None
 
     # ---- optimiser -----------------------------------------------------------------------
+    def _on_cuda(self) -> bool:
+        """Training on a CUDA device (the strategy's, when attached to a trainer: DeepSpeed
+        builds the optimiser before it moves the model there)."""
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        return device.type == "cuda"
+
     def configure_optimizers(self):
         encoder = self.model.item_tower.encoder
         encoder_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
@@ -115,7 +145,7 @@ class RetrievalModule(pl.LightningModule):
             {"params": ps, "lr": self.lr * (self.encoder_lr_scale if is_enc else 1.0), "weight_decay": self.weight_decay if decay else 0.0}
             for (is_enc, decay), ps in sorted(groups.items())
         ]
-        optimizer = torch.optim.AdamW(param_groups, lr=self.lr)
+        optimizer = torch.optim.AdamW(param_groups, lr=self.lr, fused=self._on_cuda() or None)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self.lr_schedule == "cosine" else 0
         warmup = self.warmup_steps
 

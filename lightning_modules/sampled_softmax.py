@@ -45,12 +45,20 @@ class SampledSoftmaxLoss(nn.Module):
         self.logq_correction = logq_correction
         self.label_smoothing = label_smoothing
 
-    def candidates(self, positives: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(unique candidate items [C], label of each positive in them [M], log Q of each candidate [C])."""
-        sampled = torch.multinomial(self.proposal, self.num_negatives, replacement=True, generator=generator).to(positives.device) if self.num_negatives else positives[:0]
+    def sample(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``count`` negatives drawn from the proposal (with replacement)."""
+        return torch.multinomial(self.proposal, count, replacement=True, generator=generator)
+
+    def candidates(self, positives: torch.Tensor, generator: torch.Generator | None = None, sampled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(unique candidate items [C], label of each positive in them [M], log Q of each candidate [C]).
+
+        ``sampled``: negatives drawn from the proposal already (a bank of them), instead of
+        ``num_negatives`` fresh draws."""
+        if sampled is None:
+            sampled = self.sample(self.num_negatives, generator).to(positives.device) if self.num_negatives else positives[:0]
         cand, inverse = torch.unique(torch.cat([positives, sampled]), return_inverse=True)
         labels = inverse[: positives.numel()]
-        log_q = torch.log(positives.numel() * self.data_p[cand] + self.num_negatives * self.proposal[cand])
+        log_q = torch.log(positives.numel() * self.data_p[cand] + sampled.numel() * self.proposal[cand])
         return cand, labels, log_q
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ def describe(model: TwoTowerModel) -> dict[str, Any]:
             "dropout": it.dropout.p,
             "id_dropout": it.id_dropout,
             "chunk_size": it.chunk_size,
+            "static_width": it.static_width,
             "encoder": encoder,
         },
         "user_tower": {"gpt2": _hf_config(ut.gpt)},
@@ -85,6 +86,7 @@ def build_from_spec(spec: dict[str, Any], token_ids: torch.Tensor | None = None,
         unfreeze_top_layers=it["unfreeze_top_layers"],
         dropout=it["dropout"],
         chunk_size=it["chunk_size"],
+        static_width=it.get("static_width", False),
         id_dropout=it["id_dropout"],
     )
     gpt_config = dict(spec["user_tower"]["gpt2"])

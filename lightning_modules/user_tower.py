@@ -11,6 +11,9 @@ class UserTower(nn.Module):
     def __init__(self, gpt: nn.Module, dim: int):
         super().__init__()
         self.gpt = gpt
+        # the tower feeds ``inputs_embeds``: GPT-2's token embedding never gets a gradient, and
+        # a trainable parameter without one breaks DDP with find_unused_parameters=False
+        gpt.get_input_embeddings().requires_grad_(False)
         width = gpt.config.n_embd
         self.inp = nn.Identity() if width == dim else nn.Linear(dim, width)
         self.out = nn.Identity() if width == dim else nn.Linear(width, dim)

@@ -16,6 +16,7 @@ from datamodules.preprocess import PreparedDataset, load_prepared, prepare
 from datamodules.sequence_datamodule import SequenceDataModule
 from lightning_modules.hf_backbones import build_bert_encoder, build_gpt2, load_tokenizer
 from lightning_modules.item_tower import ItemTower, tokenize_catalog
+from lightning_modules.negative_bank import NegativeBank
 from lightning_modules.pretrain_module import PretrainModule
 from lightning_modules.ranking_metrics import category_matrix
 from lightning_modules.retrieval_module import RetrievalModule
@@ -94,6 +95,9 @@ def build_model(cfg: DictConfig, dm: SequenceDataModule) -> TwoTowerModel:
         unfreeze_top_layers=it.unfreeze_top_layers,
         dropout=it.dropout,
         id_dropout=it.id_dropout,
+        chunk_size=it.chunk_size,
+        static_width=it.static_width,
+        compile_encoder=it.compile,
     )
     if dm.cold_mask.any():
         item_tower.set_cold_items(torch.as_tensor(dm.cold_mask))
@@ -104,7 +108,9 @@ def build_model(cfg: DictConfig, dm: SequenceDataModule) -> TwoTowerModel:
 def build_module(cfg: DictConfig, stage: str, model: TwoTowerModel, dm: SequenceDataModule) -> RetrievalModule:
     """The LightningModule of ``stage`` ('pretrain' or 'finetune')."""
     s = cfg[stage]
-    loss = None
+    loss = bank = None
+    if _value(s.loss.kind) == "sampled_softmax" and s.loss.bank_refresh_steps:
+        bank = NegativeBank(s.loss.bank_size or s.loss.num_negatives, s.loss.bank_refresh_steps)
     if _value(s.loss.kind) == "sampled_softmax":
         loss = SampledSoftmaxLoss(
             torch.as_tensor(dm.item_train_counts),
@@ -126,6 +132,8 @@ def build_module(cfg: DictConfig, stage: str, model: TwoTowerModel, dm: Sequence
         ks=tuple(cfg.trainer.metrics_ks),
         item_categories=category_matrix(dm.item_categories),
         label_smoothing=cfg.trainer.label_smoothing,
+        negative_bank=bank,
+        shared_item_encoding=cfg.model.item_tower.shared_encoding,
     )
     if stage == "pretrain":
         mask_id, specials = None, ()

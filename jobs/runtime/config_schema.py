@@ -96,6 +96,17 @@ class ItemTowerConfig:
     # training: probability that an item's id embedding is dropped for a batch (text alone
     # must then score it: prepares the tower for cold-start items)
     id_dropout: float = 0.0
+    # items per encoder call: a number, or 'auto' (256 on a CPU; on a GPU from its free memory
+    # and the encoder's activations per item, once)
+    chunk_size: Any = "auto"
+    # every chunk at the full max_text_tokens width (the last one padded): static shapes, no
+    # host read of text lengths per step; costs FLOPs when texts are much shorter than the width
+    static_width: bool = False
+    # torch.compile the text encoder on GPUs (never on a CPU); needs static_width=true
+    compile: bool = False
+    # training with a trainable encoder: the histories' items and the scored items go through it
+    # in one pass (their union) instead of two; the same loss, other random dropout draws
+    shared_encoding: bool = False
 
 
 @dataclass
@@ -113,6 +124,11 @@ class LossConfig:
     sampler: Sampler = Sampler.uniform
     popularity_alpha: float = 1.0
     logq_correction: bool = True
+    # bank of stale negatives (sampled_softmax): the negatives' text is encoded without gradients
+    # and reused for this many steps; only each step's positives go through the encoder with
+    # gradients. 0 = off (every candidate encoded afresh, with gradients)
+    bank_refresh_steps: int = 0
+    bank_size: Optional[int] = None  # negatives in the bank (scored every step); null: num_negatives
 
 
 @dataclass
@@ -191,7 +207,9 @@ class StrategyConfig:
     offload_parameters: bool = False  # deepspeed stage 3: parameters in CPU memory
     gradient_accumulation_steps: int = 1
     activation_checkpointing: bool = False  # recompute GPT/BERT blocks in backward (HF gradient checkpointing)
-    find_unused_parameters: bool = True  # ddp: frozen or conditionally used parameters are fine
+    # ddp: true only for a model with conditionally used parameters (an extra graph traversal per
+    # step); frozen parameters are fine either way, and the towers train every parameter they own
+    find_unused_parameters: bool = False
     # a collective (process-group setup included) that waits longer fails the workers, which
     # Ray then restarts (trainer.max_failures) instead of hanging
     collective_timeout_s: int = 300
@@ -467,12 +485,24 @@ def validate(cfg: DictConfig) -> None:
         fail("model.item_tower.id_dropout", f"must be in [0, 1), got {it.id_dropout}")
     if it.unfreeze_top_layers < 0:
         fail("model.item_tower.unfreeze_top_layers", "must be >= 0")
+    if it.chunk_size != "auto" and (isinstance(it.chunk_size, bool) or not isinstance(it.chunk_size, int) or it.chunk_size < 1):
+        fail("model.item_tower.chunk_size", f"must be 'auto' or an integer >= 1, got {it.chunk_size!r}")
+    if it.compile and not it.static_width:
+        fail("model.item_tower.compile", "torch.compile of the encoder needs model.item_tower.static_width=true (static shapes: one compilation, not one per text width)")
     for stage in ("pretrain", "finetune"):
         s = cfg[stage]
         if s.mlm_weight > 0 and (not it.use_text or (it.freeze_encoder and it.unfreeze_top_layers == 0)):
             fail(f"{stage}.mlm_weight", "MLM needs model.item_tower.use_text=true and trainable encoder layers (freeze_encoder=false or unfreeze_top_layers>0)")
         if s.loss.num_negatives < 0:
             fail(f"{stage}.loss.num_negatives", "must be >= 0")
+        if s.loss.bank_refresh_steps < 0:
+            fail(f"{stage}.loss.bank_refresh_steps", f"must be >= 0 (0 = no bank), got {s.loss.bank_refresh_steps}")
+        if s.loss.bank_size is not None and s.loss.bank_size < 1:
+            fail(f"{stage}.loss.bank_size", f"must be >= 1 or null (= loss.num_negatives), got {s.loss.bank_size}")
+        if s.loss.bank_refresh_steps and _value(s.loss.kind) != "sampled_softmax":
+            fail(f"{stage}.loss.bank_refresh_steps", "a bank of negatives needs loss.kind=sampled_softmax")
+        if s.loss.bank_refresh_steps and (s.loss.bank_size or s.loss.num_negatives) < 1:
+            fail(f"{stage}.loss.bank_size", "a bank of negatives needs bank_size >= 1 (or num_negatives >= 1)")
         if s.max_epochs < 1:
             fail(f"{stage}.max_epochs", "must be >= 1")
         if s.lr <= 0:

@@ -31,9 +31,7 @@ def build_stage(cfg: DictConfig, stage: str) -> tuple[SequenceDataModule, Retrie
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)
     if cfg.strategy.activation_checkpointing:
-        model.user_tower.gpt.gradient_checkpointing_enable()
-        if model.item_tower.encoder is not None and not model.item_tower.encoder_frozen:
-            model.item_tower.encoder.gradient_checkpointing_enable()
+        model.enable_activation_checkpointing()
     module = build_module(cfg, stage, model, dm)
     if stage == "finetune" and cfg.init_from:
         module.load_pretrained(read_weights(cfg.init_from), str(cfg.init_from))
