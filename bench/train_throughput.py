@@ -8,7 +8,8 @@ device's peak; with activation checkpointing the count includes the recomputatio
 ``--profile`` writes a torch.profiler table of the top kernels of two steps (plain loop).
 
 Imports only torch, transformers, pytorch-lightning, pyyaml (and deepspeed for its strategies)
-and the project's lightning_modules (which import nothing else): it runs on a bare GPU image.
+and the project's lightning_modules (which import nothing else; CPU DeepSpeed smoke runs also
+take jobs/runtime/cpu_deepspeed.py, which imports no Ray or Hydra): it runs on a bare GPU image.
 Synthetic data: random token ids, random histories of full length.
 
   python bench/train_throughput.py --scale base --strategy deepspeed_stage_2 --activation-checkpointing
@@ -165,25 +166,13 @@ def write_profile(step, device: torch.device, path: Path) -> None:
 
 
 def cpu_deepspeed_strategy(**kwargs):
-    """Lightning's DeepSpeedStrategy without its three CUDA assumptions (smoke tests on a CPU)."""
-    from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
+    """Lightning's DeepSpeedStrategy on a CPU (smoke runs): the overrides Ray's CPU workers use."""
+    from pytorch_lightning.strategies import DeepSpeedStrategy
 
-    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-        @property
-        def root_device(self) -> torch.device:
-            return torch.device("cpu", self.local_rank)
+    from jobs.runtime.cpu_deepspeed import CPUDeepSpeedMixin
 
-        def setup_environment(self) -> None:
-            DDPStrategy.setup_environment(self)
-
-        def setup_distributed(self) -> None:
-            import deepspeed.ops
-            from lightning_fabric.utilities.seed import reset_seed
-
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-            reset_seed()
-            self.set_world_ranks()
-            self._init_deepspeed_distributed()
+    class CPUDeepSpeedStrategy(CPUDeepSpeedMixin, DeepSpeedStrategy):
+        pass
 
     return CPUDeepSpeedStrategy(**kwargs)
 

@@ -154,16 +154,23 @@ def _loss_and_grads(module: RetrievalModule, seed: int) -> tuple[torch.Tensor, d
     return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
+def _assert_same_step(module, reference, seed: int, skip: str | None = None) -> tuple[dict, dict]:
+    """One step of ``module`` and of ``reference``: the same loss, gradients on the same
+    parameters, equal gradients (except those whose names start with ``skip``)."""
+    expected, expected_grads = _loss_and_grads(reference, seed)
+    got, grads = _loss_and_grads(module, seed)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        if skip is None or not name.startswith(skip):
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    return grads, expected_grads
+
+
 def test_bank_refreshed_every_step_scores_like_fresh_encoding():
     fresh, banked = _bank_and_fresh(refresh_steps=1)
     for seed in range(3):
-        expected, fresh_grads = _loss_and_grads(fresh, seed)
-        got, bank_grads = _loss_and_grads(banked, seed)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-        assert bank_grads.keys() == fresh_grads.keys()
-        for name, grad in fresh_grads.items():
-            if not name.startswith("model.item_tower.encoder."):
-                torch.testing.assert_close(bank_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        bank_grads, fresh_grads = _assert_same_step(banked, fresh, seed, skip="model.item_tower.encoder.")
         # the negatives' text carries no encoder gradient: only the positives' and the histories' do
         encoder = [n for n in fresh_grads if n.startswith("model.item_tower.encoder.")]
         assert encoder and not torch.allclose(torch.cat([bank_grads[n].flatten() for n in encoder]), torch.cat([fresh_grads[n].flatten() for n in encoder]))
@@ -222,12 +229,7 @@ def test_shared_item_encoding_gives_the_same_loss_and_gradients_in_one_encoder_p
     original = shared.model.item_tower.encode_text
     shared.model.item_tower.encode_text = lambda idx: encoded.append(idx.numel()) or original(idx)
     for seed in range(2):
-        expected, expected_grads = _loss_and_grads(plain, seed)
-        got, grads = _loss_and_grads(shared, seed)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-        assert grads.keys() == expected_grads.keys()
-        for name, grad in expected_grads.items():
-            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        _assert_same_step(shared, plain, seed)
     batches = [_batch(seed) for seed in range(2)]
     histories = [set(b["items"].flatten().tolist()) for b in batches]
     if loss == "full":
