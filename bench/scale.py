@@ -98,8 +98,9 @@ def index_stage(sizes: list[int], num_queries: int, like: Path, seed: int) -> li
         exact, flat_seconds = timed_search(flat, users)
         del flat
         base = {"items": n, "dim": items.shape[1], "queries": num_queries, "threads": faiss.omp_get_max_threads()}
-        rows.append(base | {"kind": "flat", "setting": "exact", "build_s": flat_build, "search_s": flat_seconds, "qps": num_queries / flat_seconds, "recall": 1.0, "speedup": 1.0})
         auto = auto_index(n)
+        rows.append(base | {"kind": "flat", "setting": "exact", "build_s": flat_build, "search_s": flat_seconds, "qps": num_queries / flat_seconds,
+                            "recall": 1.0, "speedup": 1.0, "auto": auto.kind == "flat"})
         settings = [("ivf", {"nlist": nlist, "nprobe": p}) for nlist in (int(4 * np.sqrt(n)),) for p in (16, 32, 64, 128, 256)]
         settings += [("hnsw", {"hnsw_m": 32, "ef_search": ef}) for ef in (128, 256, 512, 768)]
         settings += [("ivfpq", {"nlist": int(2 * np.sqrt(n)), "nprobe": p, "refine_factor": 16}) for p in (64, 128, 256)]
@@ -124,9 +125,6 @@ def index_stage(sizes: list[int], num_queries: int, like: Path, seed: int) -> li
                           "auto": auto.kind == kind and auto.params == params}
             rows.append(row)
             print(f"  {kind:5s} {row['setting']:28s} build {build_s:7.1f} s  {row['qps']:9.0f} q/s  recall@{K} {row['recall']:.4f}  x{row['speedup']:.1f}{'  <- auto' if row['auto'] else ''}", flush=True)
-        if auto.kind == "flat":
-            rows[-len(settings) - 1]["auto"] = True
-        built.clear()
     return rows
 
 

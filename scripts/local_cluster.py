@@ -65,7 +65,7 @@ def node_command(i: int, args: argparse.Namespace, temp_dir: Path, taken: set[in
     taken.update({node_manager, object_manager, agent_http, agent_grpc, metrics, runtime_env, client})
     cmd = [
         ray_executable(), "start", "--block", "--disable-usage-stats", f"--node-ip-address={HOST}",
-        f"--num-cpus={args.cpus_per_node}", f"--num-gpus=0", f"--temp-dir={temp_dir}",
+        f"--num-cpus={args.cpus_per_node}", "--num-gpus=0", f"--temp-dir={temp_dir}",
         f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
@@ -112,6 +112,7 @@ def up(args: argparse.Namespace) -> None:
     # jobs submitted to the cluster run `python` from the environment that started it
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file()), PATH=path)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=env["RAY_AUTH_TOKEN_PATH"])  # this process's ray.init too
     taken = {args.port, args.dashboard_port}
     procs, logs, pids = [], [], []
     for i in range(args.nodes):
@@ -125,7 +126,6 @@ def up(args: argparse.Namespace) -> None:
         pids.append(proc.pid)
         state.write_text(json.dumps({"pids": pids, "address": f"{HOST}:{args.port}", "dashboard": f"http://{HOST}:{args.dashboard_port}"}, indent=1))
         if i == 0:
-            os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=env["RAY_AUTH_TOKEN_PATH"])
             wait_for_nodes(f"{HOST}:{args.port}", 1, args.timeout, procs, logs)
     wait_for_nodes(f"{HOST}:{args.port}", args.nodes, args.timeout, procs, logs)
     print(f"local_cluster: {args.nodes} Ray node(s) of {args.cpus_per_node} CPUs up; state and logs in {folder}")

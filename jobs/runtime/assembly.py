@@ -109,9 +109,9 @@ def build_module(cfg: DictConfig, stage: str, model: TwoTowerModel, dm: Sequence
     """The LightningModule of ``stage`` ('pretrain' or 'finetune')."""
     s = cfg[stage]
     loss = bank = None
-    if _value(s.loss.kind) == "sampled_softmax" and s.loss.bank_refresh_steps:
-        bank = NegativeBank(s.loss.bank_size or s.loss.num_negatives, s.loss.bank_refresh_steps)
     if _value(s.loss.kind) == "sampled_softmax":
+        if s.loss.bank_refresh_steps:
+            bank = NegativeBank(s.loss.bank_size or s.loss.num_negatives, s.loss.bank_refresh_steps)
         loss = SampledSoftmaxLoss(
             torch.as_tensor(dm.item_train_counts),
             s.loss.num_negatives,

@@ -33,11 +33,15 @@ class Needs:
     gpus: float
     keys: str
 
+    def per_bundle(self) -> dict[str, float]:
+        """One bundle's Ray resources (GPU only when it needs one)."""
+        return {"CPU": self.cpus, "GPU": self.gpus} if self.gpus else {"CPU": self.cpus}
+
 
 def train_needs(cfg: DictConfig) -> Needs:
     hw = cfg.hardware
-    gpus = float(hw.gpus_per_worker or 1) if hw.accelerator == "gpu" else 0.0
-    return Needs("Ray Train worker", int(hw.num_workers), float(cpus_per_worker(cfg)), gpus,
+    gpus = (hw.gpus_per_worker or 1) if hw.accelerator == "gpu" else 0
+    return Needs("Ray Train worker", int(hw.num_workers), cpus_per_worker(cfg), gpus,
                  f"hardware={hw.name}: hardware.num_workers={hw.num_workers}, hardware.cpus_per_worker={hw.cpus_per_worker}, hardware.gpus_per_worker={hw.gpus_per_worker if gpus else 0}")
 
 
@@ -142,6 +146,8 @@ def check_placement(cfg: DictConfig, needs: Needs | None, shared: Mapping[str, s
     """Raise :class:`PlacementError` naming the shortfall when the cluster can never place ``needs``
     (skipped with ``cluster.check_resources=false``, e.g. for an autoscaling cluster), and, on a
     cluster, when a node cannot write one of the ``shared`` folders."""
+    if needs is None and not shared:
+        return
     nodes = alive_nodes()
     address = cluster_address(cfg)
     where = f"the Ray cluster at {address}" if address else "the embedded local Ray"

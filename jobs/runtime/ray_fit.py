@@ -15,7 +15,7 @@ from jobs.runtime.bundle_export import export_bundle
 from jobs.runtime.callbacks import EpochReport, stage_callbacks
 from jobs.runtime.checkpoints import model_state_from_lightning, restore_config
 from jobs.runtime.local_fit import build_stage
-from jobs.runtime.ray_cluster import cpus_per_worker, ray_session, shared_folders, train_needs
+from jobs.runtime.ray_cluster import ray_session, shared_folders, train_needs
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,8 @@ def torch_trainer(cfg: DictConfig, stage: str, run_dir: Path, name: str, storage
     from ray.train.torch import TorchTrainer
 
     hw = cfg.hardware
-    resources = {"CPU": cpus_per_worker(cfg)}  # Ray sets each worker's torch threads to this
-    if hw.accelerator == "gpu":
-        resources["GPU"] = hw.gpus_per_worker or 1
-    scaling = dict(num_workers=hw.num_workers, use_gpu=hw.accelerator == "gpu", resources_per_worker=resources)
+    # the resources the placement check counted; Ray sets each worker's torch threads to its CPUs
+    scaling = dict(num_workers=hw.num_workers, use_gpu=hw.accelerator == "gpu", resources_per_worker=train_needs(cfg).per_bundle())
     if not is_train_v2():
         scaling["trainer_resources"] = {"CPU": 0}  # the Tune trial's coordinator holds no core
     return TorchTrainer(

@@ -136,7 +136,7 @@ def test_the_readmes_two_node_recipe_runs_as_written(cluster_dir):
     assert proc.returncode == 0, out[-6000:]
     assert "Job 'towerrec-tiny-1' succeeded" in out
     assert "ray: the Ray cluster at" in out and f"dashboard http://127.0.0.1:{dashboard}" in out  # printed by the job
-    logs_tail, listing = out.split("Job 'towerrec-tiny-1' succeeded", 1)[1], ""
+    logs_tail = out.split("Job 'towerrec-tiny-1' succeeded", 1)[1]
     assert "| most popular |" in logs_tail  # `ray job logs ... | tail -n 3`: the end of the pipeline's report
     assert "SUCCEEDED" in logs_tail  # `ray job list`
 
