@@ -12,6 +12,39 @@ SPLITS = ("train", "valid", "test")
 TRAIN, VALID, TEST = range(len(SPLITS))
 
 
+def argsort_pairs(major: np.ndarray, minor_rank: np.ndarray) -> np.ndarray:
+    """Rows sorted by ``major`` then ``minor_rank`` (a permutation of 0..n-1, so every pair is
+    unique): one unstable (SIMD) argsort of a combined int64 key when it fits, else a lexsort."""
+    n = len(major)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    low = int(major.min())
+    if (int(major.max()) - low + 1) * n < 2**63:
+        return np.argsort((major.astype(np.int64) - low) * n + minor_rank)
+    return np.lexsort((minor_rank, major))
+
+
+def time_rank(timestamp: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """Each row's place (0..n-1) when sorted by timestamp, ties broken by ``order`` and then by
+    row position (None: the rows are in file order already)."""
+    n = len(timestamp)
+    if order is None or (np.diff(order) > 0).all():
+        tiebreak = np.arange(n, dtype=np.int64)
+    else:
+        tiebreak = np.empty(n, dtype=np.int64)
+        tiebreak[np.argsort(order, kind="stable")] = np.arange(n, dtype=np.int64)
+    by_time = argsort_pairs(timestamp, tiebreak)
+    rank = np.empty(n, dtype=np.int64)
+    rank[by_time] = np.arange(n, dtype=np.int64)
+    return rank
+
+
+def user_time_order(user: np.ndarray, timestamp: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """The permutation sorting rows by user, then timestamp, then ``order`` (as a stable sort
+    on the three would), at the cost of two integer argsorts instead of three stable sorts."""
+    return argsort_pairs(user, time_rank(timestamp, order))
+
+
 def group_starts(sorted_keys: np.ndarray) -> np.ndarray:
     """Offsets (with the end appended) of the runs of equal values in an already sorted array."""
     n = len(sorted_keys)
@@ -49,7 +82,7 @@ def leave_one_out_split(interactions: pd.DataFrame) -> pd.DataFrame:
         if col not in interactions.columns:
             raise KeyError(f"leave_one_out_split: missing column '{col}'")
     user = interactions["user_idx"].to_numpy()
-    perm = np.lexsort((interactions["order"].to_numpy(), interactions["timestamp"].to_numpy(), user))
+    perm = user_time_order(user, interactions["timestamp"].to_numpy(), interactions["order"].to_numpy())
     df = interactions.take(perm).reset_index(drop=True)
     offsets = group_starts(user[perm])
     position, counts = positions_and_counts(offsets)

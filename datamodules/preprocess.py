@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from datamodules.leave_one_out import leave_one_out_split
+from datamodules.leave_one_out import argsort_pairs, leave_one_out_split, time_rank
 from datamodules.raw_dataset import DataFormatError, RawDataset
 
 log = logging.getLogger(__name__)
@@ -60,15 +60,18 @@ def _first_in_time(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, nu
     """Mask of the first interaction in time (file order breaking ties) of every (user, item)
     pair, or None when no pair repeats (one integer sort tells)."""
     key = user * num_items + item
-    sorted_key = np.sort(key)
-    if not (sorted_key[1:] == sorted_key[:-1]).any():
+    if not (np.diff(np.sort(key)) == 0).any():
         return None
-    del sorted_key
-    perm = np.lexsort((timestamp, key))  # stable: equal times keep file order
-    key = key[perm]
-    first = np.ones(len(key), dtype=bool)
-    first[1:] = key[1:] != key[:-1]
-    keep = np.zeros(len(key), dtype=bool)
+    by_key = np.argsort(key)
+    new_pair = np.ones(len(key), dtype=bool)
+    new_pair[1:] = key[by_key[1:]] != key[by_key[:-1]]
+    pair = np.empty(len(key), dtype=np.int64)  # dense pair number, so (pair, time rank) fits one int64
+    pair[by_key] = np.cumsum(new_pair) - 1
+    del key, by_key, new_pair
+    perm = argsort_pairs(pair, time_rank(timestamp))
+    first = np.ones(len(perm), dtype=bool)
+    first[1:] = pair[perm[1:]] != pair[perm[:-1]]
+    keep = np.zeros(len(perm), dtype=bool)
     keep[perm[first]] = True
     return keep
 

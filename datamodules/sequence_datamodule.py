@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytorch_lightning as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -145,15 +144,16 @@ class SequenceDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._loaded:
             return
-        items = pd.read_parquet(self.data_dir / "items.parquet")
-        users = pd.read_parquet(self.data_dir / "users.parquet")
-        self.num_items = len(items)
-        self.num_users = len(users)
+        # one Python object per item and per user (ids, texts, category lists), none per interaction
+        items = pq.read_table(self.data_dir / "items.parquet")
+        users = pq.read_table(self.data_dir / "users.parquet", columns=["user_id"])
+        self.num_items = items.num_rows
+        self.num_users = users.num_rows
         self.item_ids = items["item_id"].to_numpy()
         self.user_ids = users["user_id"].to_numpy()
-        self.item_texts = items["text"].tolist()
-        self.item_titles = items["title"].tolist() if "title" in items.columns else list(self.item_texts)
-        self.item_categories = [list(c) for c in items["categories"]]
+        self.item_texts = items["text"].to_pylist()
+        self.item_titles = items["title"].to_pylist() if "title" in items.column_names else list(self.item_texts)
+        self.item_categories = items["categories"].to_pylist()
         user_col, item_col, offsets = self._read_split(self.data_dir / "split.parquet")
         self.user_index = user_col[offsets[:-1]]
         self.valid_targets = item_col[offsets[1:] - 2]
