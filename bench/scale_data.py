@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "bench"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from bench.scale_common import in_fresh_process, row, say  # noqa: E402
+from scale_common import in_fresh_process, row, say  # noqa: E402
 
 DEFAULT_ROWS = (1_000_000, 5_000_000, 20_000_000)
 QUICK_ROWS = (20_000, 80_000)
