@@ -109,12 +109,12 @@ def run_stage(rows: list[int] | tuple[int, ...] = DEFAULT_ROWS, out_dir: Path | 
             gen, rss = in_fresh_process(generate_step, size, str(folder), seed)
             users, items, n = gen["users"], gen["items"], gen["rows"]
             say(f"data: {n:,} interactions ({users:,} users, {items:,} items): generate {gen['seconds']:.1f} s, {rss:,.0f} MiB")
-            results.append(row("data", "generate", n, "interactions", gen["seconds"], rss, users=users, items=items))
+            results.append(row("data", "generate", n, "interactions", gen["seconds"], rss, users=users, items=items, target_rows=size))
             for step, fn in (("prepare", prepare_step), ("split", split_step), ("datamodule", datamodule_step)):
                 out, rss = in_fresh_process(fn, str(folder))
                 seconds = out.pop("seconds")
                 say(f"data: {n:,} interactions: {step} {seconds:.1f} s, {rss:,.0f} MiB")
-                results.append(row("data", step, n, "interactions", seconds, rss, users=users, items=items, **out))
+                results.append(row("data", step, n, "interactions", seconds, rss, users=users, items=items, target_rows=size, **out))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     if own_base:

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from datamodules.leave_one_out import argsort_pairs, leave_one_out_split, time_rank
+from datamodules.ragged import gc_paused
 from datamodules.raw_dataset import DataFormatError, RawDataset
 
 log = logging.getLogger(__name__)
@@ -170,16 +171,17 @@ def prepare(raw: RawDataset, out_dir: str | Path, min_user_interactions: int = 3
     num_users = len(indexed.user_ids)
     split = leave_one_out_split(inter[["user_idx", "item_idx", "timestamp", "order"]])
 
-    items_out = pd.DataFrame(
-        {
-            "item_idx": np.arange(len(items), dtype=np.int64),
-            "item_id": items["item_id"].astype(str),
-            "text": items["text"].astype(str),
-            # a short display name (explanations, the service); readers without one: the text
-            "title": (items["title"] if "title" in items.columns else items["text"]).astype(str),
-            "categories": [list(c) if c is not None else [] for c in items["categories"]],
-        }
-    )
+    with gc_paused():  # one list per item: see gc_paused
+        items_out = pd.DataFrame(
+            {
+                "item_idx": np.arange(len(items), dtype=np.int64),
+                "item_id": items["item_id"].astype(str),
+                "text": items["text"].astype(str),
+                # a short display name (explanations, the service); readers without one: the text
+                "title": (items["title"] if "title" in items.columns else items["text"]).astype(str),
+                "categories": [list(c) if c is not None else [] for c in items["categories"]],
+            }
+        )
     users_out = pd.DataFrame(
         {
             "user_idx": np.arange(num_users, dtype=np.int64),

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.leave_one_out import SPLITS, group_starts, positions_and_counts, split_codes
-from datamodules.ragged import Ragged
+from datamodules.leave_one_out import SPLITS, TEST, TRAIN, VALID, group_starts, positions_and_counts, split_codes
+from datamodules.ragged import Ragged, gc_paused
 
 
 def _split_codes(path: Path, column: pa.ChunkedArray) -> np.ndarray:
@@ -149,11 +149,12 @@ class SequenceDataModule(pl.LightningDataModule):
         users = pq.read_table(self.data_dir / "users.parquet", columns=["user_id"])
         self.num_items = items.num_rows
         self.num_users = users.num_rows
-        self.item_ids = items["item_id"].to_numpy()
-        self.user_ids = users["user_id"].to_numpy()
-        self.item_texts = items["text"].to_pylist()
-        self.item_titles = items["title"].to_pylist() if "title" in items.column_names else list(self.item_texts)
-        self.item_categories = items["categories"].to_pylist()
+        with gc_paused():
+            self.item_ids = items["item_id"].to_numpy()
+            self.user_ids = users["user_id"].to_numpy()
+            self.item_texts = items["text"].to_pylist()
+            self.item_titles = items["title"].to_pylist() if "title" in items.column_names else list(self.item_texts)
+            self.item_categories = items["categories"].to_pylist()
         user_col, item_col, offsets = self._read_split(self.data_dir / "split.parquet")
         self.user_index = user_col[offsets[:-1]]
         self.valid_targets = item_col[offsets[1:] - 2]
@@ -178,17 +179,25 @@ class SequenceDataModule(pl.LightningDataModule):
         offsets; checks, for all users at once, that each is split as train..., valid, test."""
         table = pq.read_table(path, columns=["user_idx", "item_idx", "position", "split"])
         user = table["user_idx"].to_numpy()
-        item = table["item_idx"].to_numpy()
         position = table["position"].to_numpy()
-        step_user, step_pos = np.diff(user), np.diff(position)
-        if not ((step_user > 0) | ((step_user == 0) & (step_pos > 0))).all():
+        in_order = bool((user[1:] >= user[:-1]).all()) and bool(((position[1:] == position[:-1] + 1) | (position[1:] == 0)).all())
+        if not in_order:  # prepare writes it in order; a file from elsewhere may not be
             perm = np.lexsort((position, user))
-            table, user, item = table.take(pa.array(perm)), user[perm], item[perm]
+            table, user = table.take(pa.array(perm)), user[perm]
+        item = table["item_idx"].to_numpy()
         codes = _split_codes(path, table["split"])
         offsets = group_starts(user)
-        pos, counts = positions_and_counts(offsets)
-        wrong = (codes != split_codes(pos, counts)) | (counts < 2)
-        if wrong.any():
+        ends = offsets[1:]
+        # in order, a user is well split iff its last row is test, the one before valid, and
+        # every other row train: count the train rows instead of comparing each row
+        if (
+            (np.diff(offsets) < 2).any()
+            or (codes[ends - 1] != TEST).any()
+            or (codes[ends - 2] != VALID).any()
+            or np.count_nonzero(codes == TRAIN) != len(codes) - 2 * len(ends)
+        ):
+            pos, counts = positions_and_counts(offsets)
+            wrong = (codes != split_codes(pos, counts)) | (counts < 2)
             raise ValueError(f"{path}: user_idx {user[np.argmax(wrong)]} is not split as train..., valid, test")
         return user, item, offsets
 
