@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from datamodules.leave_one_out import leave_one_out_split
+from datamodules.leave_one_out import argsort_pairs, leave_one_out_split, time_rank
+from datamodules.ragged import gc_paused
 from datamodules.raw_dataset import DataFormatError, RawDataset
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,110 @@ def _write(df: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
+def _arrow_strings(values: pd.Series, where: str, field: str) -> pa.Array:
+    """One Arrow string array of an id column: Arrow-backed strings as they are (large_string),
+    object strings converted once (string, as pandas writes them); a missing id is an error
+    naming its row."""
+    arr = pa.array(values, from_pandas=True)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if arr.null_count:
+        row = int(np.flatnonzero(np.asarray(arr.is_null()))[0])
+        raise DataFormatError(where, f"interaction row {row} has no {field}", field=field)
+    return arr if arr.type in (pa.string(), pa.large_string()) else pc.cast(arr, pa.large_string())
+
+
+def _codes(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The int64 NumPy view of integer Arrow data (nulls must have been ruled out)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+def _first_in_time(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, num_items: int) -> np.ndarray | None:
+    """Mask of the first interaction in time (file order breaking ties) of every (user, item)
+    pair, or None when no pair repeats (one integer sort tells)."""
+    key = user * num_items + item
+    if not (np.diff(np.sort(key)) == 0).any():
+        return None
+    by_key = np.argsort(key)
+    new_pair = np.ones(len(key), dtype=bool)
+    new_pair[1:] = key[by_key[1:]] != key[by_key[:-1]]
+    pair = np.empty(len(key), dtype=np.int64)  # dense pair number, so (pair, time rank) fits one int64
+    pair[by_key] = np.cumsum(new_pair) - 1
+    del key, by_key, new_pair
+    perm = argsort_pairs(pair, time_rank(timestamp))
+    first = np.ones(len(perm), dtype=bool)
+    first[1:] = pair[perm[1:]] != pair[perm[:-1]]
+    keep = np.zeros(len(perm), dtype=bool)
+    keep[perm[first]] = True
+    return keep
+
+
+@dataclass
+class IndexedInteractions:
+    """Interactions with dense indices, in file order, after dedupe and the short-user filter:
+    columns user_idx, item_idx (int64), user_id, item_id (Arrow strings), timestamp, order (int64)."""
+
+    frame: pd.DataFrame
+    user_ids: pa.Array  # raw id of each user_idx, numbered by first appearance
+    dropped_repeats: int
+    dropped_users: int
+    dropped_rows: int
+
+
+def index_interactions(raw: RawDataset, catalog: pa.Array, min_user_interactions: int, dedupe: bool) -> IndexedInteractions:
+    """Dense user and item indices, dedupe and filter with Arrow hashing and NumPy integer
+    sorts, so no Python object is made per interaction."""
+    inter = raw.interactions
+    if len(inter) == 0:
+        raise DataFormatError(raw.name, "there are no interactions")
+    item_ids = _arrow_strings(inter["item_id"], raw.name, "item_id")
+    item = np.asarray(pc.fill_null(pc.index_in(item_ids, value_set=catalog.cast(item_ids.type)), -1)).astype(np.int64)
+    unknown = np.flatnonzero(item < 0)
+    if unknown.size:
+        row = int(unknown[0])
+        raise DataFormatError(raw.name, f"interaction row {row} names unknown item_id '{item_ids[row].as_py()}'", field="item_id")
+    user_ids = _arrow_strings(inter["user_id"], raw.name, "user_id")
+    encoded = pc.dictionary_encode(user_ids)
+    user = _codes(encoded.indices)
+    timestamp = inter["timestamp"].to_numpy(dtype=np.int64)
+
+    keep = _first_in_time(user, item, timestamp, len(catalog)) if dedupe else None
+    if keep is None:
+        keep = np.ones(len(user), dtype=bool)
+    dropped_repeats = int(len(keep) - np.count_nonzero(keep))
+    sizes = np.bincount(user[keep], minlength=len(encoded.dictionary))
+    short = (sizes > 0) & (sizes < min_user_interactions)
+    keep &= ~short[user]
+    rows = np.flatnonzero(keep)
+    if rows.size == 0:
+        raise DataFormatError(raw.name, f"no user has at least {min_user_interactions} interactions")
+    # users numbered by first appearance among the kept rows (a hash keeps first-seen order)
+    kept_user = user[rows]
+    first_seen = _codes(pc.unique(pa.array(kept_user)))
+    renumber = np.full(len(encoded.dictionary), -1, dtype=np.int64)
+    renumber[first_seen] = np.arange(len(first_seen), dtype=np.int64)
+    taken = pa.array(rows)
+    frame = pd.DataFrame(
+        {
+            "user_idx": renumber[kept_user],
+            "item_idx": item[rows],
+            "user_id": user_ids.take(taken).to_pandas(),
+            "item_id": item_ids.take(taken).to_pandas(),
+            "timestamp": timestamp[rows],
+            "order": rows.astype(np.int64),
+        }
+    )
+    return IndexedInteractions(
+        frame,
+        encoded.dictionary.take(pa.array(first_seen)).cast(pa.large_string()),
+        dropped_repeats,
+        int(np.count_nonzero(short)),
+        int(sizes[short].sum()),
+    )
+
+
 def prepare(raw: RawDataset, out_dir: str | Path, min_user_interactions: int = 3, dedupe: bool = True, fingerprint: str = "") -> PreparedDataset:
     """Write interactions/items/users/split Parquet files into ``out_dir`` and return their sizes.
 
@@ -53,68 +159,44 @@ def prepare(raw: RawDataset, out_dir: str | Path, min_user_interactions: int = 3
     dup = items["item_id"].duplicated()
     if dup.any():
         raise DataFormatError(raw.name, f"duplicate item_id '{items.loc[dup, 'item_id'].iloc[0]}' in the items", field="item_id")
-    inter = raw.interactions.reset_index(drop=True).copy()
-    if inter.empty:
-        raise DataFormatError(raw.name, "there are no interactions")
-    inter["order"] = np.arange(len(inter), dtype=np.int64)
-    item_index = pd.Index(items["item_id"])
-    inter["item_idx"] = item_index.get_indexer(inter["item_id"])
-    unknown = inter["item_idx"] < 0
-    if unknown.any():
-        first = inter.loc[unknown].iloc[0]
-        raise DataFormatError(raw.name, f"interaction row {int(first['order'])} names unknown item_id '{first['item_id']}'", field="item_id")
-
-    dropped_dupes = 0
-    if dedupe:
-        ordered = inter.sort_values(["user_id", "timestamp", "order"], kind="mergesort")
-        keep = ~ordered.duplicated(["user_id", "item_id"], keep="first")
-        dropped_dupes = int((~keep).sum())
-        inter = ordered[keep].sort_values("order", kind="mergesort")
-    sizes = inter.groupby("user_id", sort=False)["item_id"].transform("size")
-    short = sizes < min_user_interactions
-    dropped_users = int(inter.loc[short, "user_id"].nunique())
-    dropped_rows = int(short.sum())
-    inter = inter.loc[~short].reset_index(drop=True)
-    if inter.empty:
-        raise DataFormatError(raw.name, f"no user has at least {min_user_interactions} interactions")
-    if dropped_dupes or dropped_users:
+    catalog = pa.array(items["item_id"].astype(str), type=pa.large_string())
+    indexed = index_interactions(raw, catalog, min_user_interactions, dedupe)
+    inter = indexed.frame
+    if indexed.dropped_repeats or indexed.dropped_users:
         log.warning(
             "%s: dropped %d repeated (user, item) interactions and %d users (%d interactions) with fewer than %d interactions",
-            raw.name, dropped_dupes, dropped_users, dropped_rows, min_user_interactions,
+            raw.name, indexed.dropped_repeats, indexed.dropped_users, indexed.dropped_rows, min_user_interactions,
         )
+    dropped_dupes, dropped_users = indexed.dropped_repeats, indexed.dropped_users
+    num_users = len(indexed.user_ids)
+    split = leave_one_out_split(inter[["user_idx", "item_idx", "timestamp", "order"]])
 
-    user_ids = pd.unique(inter["user_id"])
-    inter["user_idx"] = pd.Index(user_ids).get_indexer(inter["user_id"])
-    inter = inter[["user_idx", "item_idx", "user_id", "item_id", "timestamp", "order"]].astype(
-        {"user_idx": np.int64, "item_idx": np.int64, "timestamp": np.int64}
-    )
-    split = leave_one_out_split(inter)
-
-    items_out = pd.DataFrame(
-        {
-            "item_idx": np.arange(len(items), dtype=np.int64),
-            "item_id": items["item_id"].astype(str),
-            "text": items["text"].astype(str),
-            # a short display name (explanations, the service); readers without one: the text
-            "title": (items["title"] if "title" in items.columns else items["text"]).astype(str),
-            "categories": [list(c) if c is not None else [] for c in items["categories"]],
-        }
-    )
+    with gc_paused():  # one list per item: see gc_paused
+        items_out = pd.DataFrame(
+            {
+                "item_idx": np.arange(len(items), dtype=np.int64),
+                "item_id": items["item_id"].astype(str),
+                "text": items["text"].astype(str),
+                # a short display name (explanations, the service); readers without one: the text
+                "title": (items["title"] if "title" in items.columns else items["text"]).astype(str),
+                "categories": [list(c) if c is not None else [] for c in items["categories"]],
+            }
+        )
     users_out = pd.DataFrame(
         {
-            "user_idx": np.arange(len(user_ids), dtype=np.int64),
-            "user_id": user_ids.astype(str),
-            "num_interactions": inter.groupby("user_idx")["item_idx"].size().to_numpy(),
+            "user_idx": np.arange(num_users, dtype=np.int64),
+            "user_id": indexed.user_ids.to_pandas(),
+            "num_interactions": np.bincount(inter["user_idx"].to_numpy(), minlength=num_users),
         }
     )
     _write(inter, out / "interactions.parquet")
     _write(items_out, out / "items.parquet")
     _write(users_out, out / "users.parquet")
-    _write(split[["user_idx", "item_idx", "timestamp", "order", "position", "split"]], out / "split.parquet")
+    _write(split, out / "split.parquet")
     meta = {
         "name": raw.name,
         "fingerprint": fingerprint,
-        "num_users": len(user_ids),
+        "num_users": num_users,
         "num_items": len(items),
         "num_interactions": len(inter),
         "dropped_repeats": dropped_dupes,
@@ -122,8 +204,8 @@ def prepare(raw: RawDataset, out_dir: str | Path, min_user_interactions: int = 3
         "reader_skipped": raw.skipped,
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    log.info("%s prepared in %s: %d users, %d items, %d interactions", raw.name, out, len(user_ids), len(items), len(inter))
-    return PreparedDataset(out, len(user_ids), len(items), len(inter))
+    log.info("%s prepared in %s: %d users, %d items, %d interactions", raw.name, out, num_users, len(items), len(inter))
+    return PreparedDataset(out, num_users, len(items), len(inter))
 
 
 def load_prepared(folder: str | Path, fingerprint: str | None = None) -> PreparedDataset | None:

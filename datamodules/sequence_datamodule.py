@@ -4,30 +4,59 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytorch_lightning as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.leave_one_out import SPLITS, TEST, TRAIN, VALID, group_starts, positions_and_counts, split_codes
+from datamodules.ragged import Ragged, gc_paused
+
+
+def _split_codes(path: Path, column: pa.ChunkedArray) -> np.ndarray:
+    """Index into SPLITS of each row of the ``split`` column (dictionary-encoded or plain strings)."""
+    arr = column.combine_chunks()
+    if not pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_encode()
+    names = arr.dictionary.to_pylist()
+    unknown = [n for n in names if n not in SPLITS]
+    if unknown or arr.null_count:
+        raise ValueError(f"{path}: field 'split' holds {unknown[0] if unknown else 'null'!r}, expected one of {SPLITS}")
+    lookup = np.array([SPLITS.index(n) for n in names], dtype=np.int8)
+    return lookup[arr.indices.to_numpy(zero_copy_only=False)]
+
 
 class TrainSequences(Dataset):
-    """Windows of each user's training sequence: inputs s[t-L..t-1] predict targets s[t-L+1..t]."""
+    """Windows of each user's training sequence: inputs s[t-L..t-1] predict targets s[t-L+1..t].
 
-    def __init__(self, sequences: list[np.ndarray], max_seq_len: int, windows: str = "all"):
-        self.samples: list[np.ndarray] = []
-        for seq in sequences:
-            end = len(seq)
-            while end >= 2:
-                self.samples.append(seq[max(0, end - max_seq_len - 1) : end])
-                if windows == "last":
-                    break
-                end -= max_seq_len
+    Windows are cut from the end of each sequence, every ``max_seq_len`` items (``windows='all'``)
+    or only the last one; each is a (start, end) pair into the flat item array, computed for
+    all users at once.
+    """
+
+    def __init__(self, sequences: Ragged | list[np.ndarray], max_seq_len: int, windows: str = "all"):
+        seqs = Ragged.from_arrays(sequences)
+        lengths = seqs.lengths()
+        per_seq = np.where(lengths >= 2, (lengths - 2) // max_seq_len + 1, 0)
+        if windows == "last":
+            per_seq = np.minimum(per_seq, 1)
+        seq = np.repeat(np.arange(len(seqs), dtype=np.int64), per_seq)
+        first = np.cumsum(per_seq) - per_seq
+        back = np.arange(len(seq), dtype=np.int64) - np.repeat(first, per_seq)  # 0 = the last window
+        end = lengths[seq] - back * max_seq_len
+        self.values = seqs.values
+        self.ends = seqs.offsets[seq] + end
+        self.starts = seqs.offsets[seq] + np.maximum(0, end - max_seq_len - 1)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.starts)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.samples[i]
+        return self.values[self.starts[i] : self.ends[i]]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def collate_train(chunks: list[np.ndarray]) -> dict[str, torch.Tensor]:
@@ -51,7 +80,7 @@ class EvalExamples(Dataset):
     model's input but must still be removed from the ranking.
     """
 
-    def __init__(self, users: np.ndarray, histories: list[np.ndarray], targets: np.ndarray, max_seq_len: int, seen: list[np.ndarray] | None = None):
+    def __init__(self, users: np.ndarray, histories: Ragged | list[np.ndarray], targets: np.ndarray, max_seq_len: int, seen: Ragged | list[np.ndarray] | None = None):
         self.users = users
         self.histories = histories
         self.targets = targets
@@ -115,42 +144,62 @@ class SequenceDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._loaded:
             return
-        split = pd.read_parquet(self.data_dir / "split.parquet")
-        items = pd.read_parquet(self.data_dir / "items.parquet")
-        users = pd.read_parquet(self.data_dir / "users.parquet")
-        self.num_items = len(items)
-        self.num_users = len(users)
-        self.item_ids = items["item_id"].to_numpy()
-        self.user_ids = users["user_id"].to_numpy()
-        self.item_texts = items["text"].tolist()
-        self.item_titles = items["title"].tolist() if "title" in items.columns else list(self.item_texts)
-        self.item_categories = [list(c) for c in items["categories"]]
-        split = split.sort_values(["user_idx", "position"], kind="mergesort")
-        user_col = split["user_idx"].to_numpy()
-        item_col = split["item_idx"].to_numpy()
-        split_col = split["split"].astype(str).to_numpy()
-        bounds = np.flatnonzero(np.diff(user_col)) + 1
-        starts = np.concatenate([[0], bounds])
-        ends = np.concatenate([bounds, [len(user_col)]])
-        self.user_index = user_col[starts]
-        self.train_sequences, self.valid_targets, self.test_targets = [], [], []
-        for s, e in zip(starts, ends):
-            kinds = split_col[s:e]
-            if kinds[-1] != "test" or kinds[-2] != "valid" or (kinds[:-2] != "train").any():
-                raise ValueError(f"{self.data_dir / 'split.parquet'}: user_idx {user_col[s]} is not split as train..., valid, test")
-            self.train_sequences.append(item_col[s : e - 2])
-            self.valid_targets.append(item_col[e - 2])
-            self.test_targets.append(item_col[e - 1])
-        self.valid_targets = np.asarray(self.valid_targets)
-        self.test_targets = np.asarray(self.test_targets)
+        # one Python object per item and per user (ids, texts, category lists), none per interaction
+        items = pq.read_table(self.data_dir / "items.parquet")
+        users = pq.read_table(self.data_dir / "users.parquet", columns=["user_id"])
+        self.num_items = items.num_rows
+        self.num_users = users.num_rows
+        with gc_paused():
+            self.item_ids = items["item_id"].to_numpy()
+            self.user_ids = users["user_id"].to_numpy()
+            self.item_texts = items["text"].to_pylist()
+            self.item_titles = items["title"].to_pylist() if "title" in items.column_names else list(self.item_texts)
+            self.item_categories = items["categories"].to_pylist()
+        user_col, item_col, offsets = self._read_split(self.data_dir / "split.parquet")
+        self.user_index = user_col[offsets[:-1]]
+        self.valid_targets = item_col[offsets[1:] - 2]
+        self.test_targets = item_col[offsets[1:] - 1]
+        train_offsets = offsets - 2 * np.arange(len(offsets), dtype=np.int64)
+        is_train = np.ones(len(item_col), dtype=bool)
+        is_train[offsets[1:] - 1] = False
+        is_train[offsets[1:] - 2] = False
+        self.train_sequences = Ragged(item_col[is_train], train_offsets)
         self.cold_mask = self._pick_cold_items()
         # every seen item, cold ones included: what the ranking removes
         self.seen_train_sequences = self.train_sequences
         if self.cold_mask.any():  # cold items never reach training: their interactions are dropped
-            self.train_sequences = [seq[~self.cold_mask[seq]] for seq in self.train_sequences]
-        counts = np.bincount(np.concatenate(self.train_sequences), minlength=self.num_items)
+            self.train_sequences = self.train_sequences.keep_values(~self.cold_mask[self.train_sequences.values])
+        counts = np.bincount(self.train_sequences.values, minlength=self.num_items)
         self.item_train_counts = counts.astype(np.float64)
         self._loaded = True
+
+    @staticmethod
+    def _read_split(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """user_idx and item_idx of split.parquet ordered by user and position, and each user's
+        offsets; checks, for all users at once, that each is split as train..., valid, test."""
+        table = pq.read_table(path, columns=["user_idx", "item_idx", "position", "split"])
+        user = table["user_idx"].to_numpy()
+        position = table["position"].to_numpy()
+        in_order = bool((user[1:] >= user[:-1]).all()) and bool(((position[1:] == position[:-1] + 1) | (position[1:] == 0)).all())
+        if not in_order:  # prepare writes it in order; a file from elsewhere may not be
+            perm = np.lexsort((position, user))
+            table, user = table.take(pa.array(perm)), user[perm]
+        item = table["item_idx"].to_numpy()
+        codes = _split_codes(path, table["split"])
+        offsets = group_starts(user)
+        ends = offsets[1:]
+        # in order, a user is well split iff its last row is test, the one before valid, and
+        # every other row train: count the train rows instead of comparing each row
+        if (
+            (np.diff(offsets) < 2).any()
+            or (codes[ends - 1] != TEST).any()
+            or (codes[ends - 2] != VALID).any()
+            or np.count_nonzero(codes == TRAIN) != len(codes) - 2 * len(ends)
+        ):
+            pos, counts = positions_and_counts(offsets)
+            wrong = (codes != split_codes(pos, counts)) | (counts < 2)
+            raise ValueError(f"{path}: user_idx {user[np.argmax(wrong)]} is not split as train..., valid, test")
+        return user, item, offsets
 
     def _pick_cold_items(self) -> np.ndarray:
         """Boolean mask of the items held out of all training: ``cold_items`` items drawn
@@ -164,14 +213,14 @@ class SequenceDataModule(pl.LightningDataModule):
             mask[rng.choice(candidates, size=self.cold_items, replace=False)] = True
         return mask
 
-    def history(self, split: str, seen: bool = False) -> list[np.ndarray]:
+    def history(self, split: str, seen: bool = False) -> Ragged:
         """Each user's history before the held-out item of ``split`` ('valid' or 'test'): the
         model's input, or with ``seen`` every item seen (cold-start items included)."""
         train = self.seen_train_sequences if seen else self.train_sequences
         if split == "valid":
             return train
         if split == "test":
-            return [np.append(seq, v) for seq, v in zip(train, self.valid_targets)]
+            return train.append_each(self.valid_targets)
         raise ValueError(f"unknown split '{split}'")
 
     def eval_dataset(self, split: str, targets_kind: str = "all") -> EvalExamples:
@@ -185,8 +234,7 @@ class SequenceDataModule(pl.LightningDataModule):
                 raise ValueError(f"targets_kind must be 'all', 'cold' or 'warm', got '{targets_kind}'")
             keep = self.cold_mask[targets] == (targets_kind == "cold")
             users, targets = users[keep], targets[keep]
-            hist = [h for h, k in zip(hist, keep) if k]
-            seen = [h for h, k in zip(seen, keep) if k]
+            hist, seen = hist.take(np.flatnonzero(keep)), seen.take(np.flatnonzero(keep))
         return EvalExamples(users, hist, targets, self.max_seq_len, seen)
 
     def train_dataloader(self) -> DataLoader:

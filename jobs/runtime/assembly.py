@@ -28,7 +28,7 @@ from jobs.runtime.console import say
 
 log = logging.getLogger(__name__)
 
-PREPARE_VERSION = 2  # bump when preprocessing changes what it writes
+PREPARE_VERSION = 3  # bump when preprocessing (or the synthetic generator) changes what it writes
 
 
 def data_fingerprint(cfg: DictConfig) -> str:

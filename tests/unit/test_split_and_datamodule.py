@@ -68,10 +68,10 @@ def test_unknown_item_and_empty_input_are_errors(tmp_path):
 
 def test_train_windows_cover_the_sequence_from_its_end():
     seq = np.arange(7)
-    windows = TrainSequences([seq], max_seq_len=3, windows="all").samples
+    windows = list(TrainSequences([seq], max_seq_len=3, windows="all"))
     assert [list(w) for w in windows] == [[3, 4, 5, 6], [0, 1, 2, 3]]
-    assert [list(w) for w in TrainSequences([seq], 3, "last").samples] == [[3, 4, 5, 6]]
-    assert TrainSequences([np.arange(1)], 3).samples == []
+    assert [list(w) for w in TrainSequences([seq], 3, "last")] == [[3, 4, 5, 6]]
+    assert len(TrainSequences([np.arange(1)], 3)) == 0
     batch = collate_train([np.array([3, 4, 5, 6]), np.array([7, 8])])
     assert batch["items"].tolist() == [[3, 4, 5], [7, 0, 0]]
     assert batch["targets"].tolist() == [[4, 5, 6], [8, -1, -1]]
