@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -25,9 +26,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "bench"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from bench.scale_common import in_fresh_process, row, say  # noqa: E402
+from scale_common import in_fresh_process, row, say  # noqa: E402
 
 TOP_K = 100
 DEFAULT_CONFIGS = [(100_000, 100_000), (100_000, 1_000_000), (1_000_000, 1_000_000)]
@@ -158,11 +161,17 @@ def run_stage(configs: list[tuple[int, int]] | None = None, out_dir: Path = ROOT
             n_users = int(metrics["infer/num_users"])
             seconds = metrics["infer/seconds_total"]
             phases = {name: round(metrics[f"infer/seconds_{key}"], 3) for name, key in PHASES.items()}
-            rows.append(row("infer", path, n_users, "users", seconds, rss, items=int(metrics["infer/num_items"]), users_per_s=n_users / seconds,
-                            index=metrics["index"], top_k=TOP_K, untrained=True, phases=phases))
+            # one step per path and catalog, so that a step's slope is against users at a fixed catalog
+            rows.append(row("infer", f"{path}_{_label(items)}_items", n_users, "users", seconds, rss, path=path, items=int(metrics["infer/num_items"]),
+                            users_per_s=n_users / seconds, index=metrics["index"], top_k=TOP_K, untrained=True, phases=phases))
+            shutil.rmtree(out_dir / f"run_u{users}_i{items}_{path}", ignore_errors=True)  # a 1 M-user run writes about 1 GB
             say(f"  {path:5s} {seconds:7.1f} s  {n_users / seconds:9,.0f} users/s  index {metrics['index']}  peak {rss:,.0f} MiB  "
                 + "  ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     return rows
+
+
+def _label(n: int) -> str:
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k" if n % 1000 == 0 else str(n)
 
 
 def table(rows: list[dict]) -> str:
@@ -170,7 +179,7 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["phases"]
-        lines.append(f"| {r['size']:,} | {r['items']:,} | {r['step']} | {r['index']} | {r['seconds']:.1f} | {r['users_per_s']:,.0f} | "
+        lines.append(f"| {r['size']:,} | {r['items']:,} | {r['path']} | {r['index']} | {r['seconds']:.1f} | {r['users_per_s']:,.0f} | "
                      + " | ".join(f"{p[k]:.1f}" for k in PHASES) + f" | {r['peak_rss_mb']:,.0f} |")
     return "\n".join(lines)
 
