@@ -5,6 +5,12 @@ bundle's model, on a pool of Ray Data actors (``infer.use_ray=true``) or in this
 builds a FAISS index over the item vectors (``infer.index``) and keeps each user's ``infer.top_k``
 best unseen items. Writes recommendations.parquet, item_embeddings.parquet,
 user_embeddings.parquet and metrics.json into the run folder.
+
+Every step is linear in users and in items (bench/scale_infer.py measures it): the catalog's text
+is encoded once and reused for the users' histories; on Ray, a batch carries only row numbers,
+and what every actor needs (the users' recent items, the text encodings) is put in the object
+store once; seen items and recommendations stay NumPy / Arrow arrays, never one Python object per
+user or recommendation; FAISS is searched ``rows_per_search`` users at a time.
 """
 from __future__ import annotations
 
