@@ -91,14 +91,59 @@ def build_ivfpq(x: np.ndarray, nlist: int, nprobe: int, pq_m: int | None, refine
     return index
 
 
-def _drop_seen(ids: np.ndarray, scores: np.ndarray, seen: Sequence[np.ndarray], num_items: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove seen items (and FAISS's -1 fillers) from sorted result rows; keep the first ``k``."""
-    rows = ids.shape[0]
-    counts = np.fromiter((len(s) for s in seen), dtype=np.int64, count=rows)
-    seen_keys = np.repeat(np.arange(rows, dtype=np.int64), counts) * num_items + (
-        np.concatenate([np.asarray(s, dtype=np.int64) for s in seen]) if counts.sum() else np.zeros(0, np.int64)
-    )
-    hit_keys = np.arange(rows, dtype=np.int64)[:, None] * num_items + ids
+@dataclass(frozen=True)
+class SeenItems:
+    """Every user's seen items as one flat array: row ``r``'s are ``items[offsets[r]:offsets[r + 1]]``
+    (CSR), so a million users are two arrays, not a million Python objects."""
+
+    offsets: np.ndarray  # [U + 1] int64, non-decreasing, offsets[0] == 0
+    items: np.ndarray  # [offsets[-1]] int64
+
+    @classmethod
+    def from_lists(cls, seen: Sequence[np.ndarray]) -> "SeenItems":
+        """One array per user (any ints, duplicates and out-of-range values allowed)."""
+        arrays = [np.asarray(s, dtype=np.int64).reshape(-1) for s in seen]
+        counts = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+        items = np.concatenate(arrays) if counts.sum() else np.zeros(0, np.int64)
+        return cls(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), items)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, r: int) -> np.ndarray:
+        return self.items[self.offsets[r] : self.offsets[r + 1]]
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, r: int) -> np.ndarray:
+        if not -self.num_rows <= r < self.num_rows:
+            raise IndexError(f"row {r} of {self.num_rows}")
+        return self.row(r % self.num_rows)
+
+    def keys(self, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct in-range (row, item) pairs as sorted keys ``row * num_items + item``, and
+        the count per row: one sort over every user at once."""
+        rows = np.repeat(np.arange(self.num_rows, dtype=np.int64), np.diff(self.offsets))
+        ok = (self.items >= 0) & (self.items < num_items)
+        keys = np.unique(rows[ok] * num_items + self.items[ok])
+        return keys, np.bincount(keys // max(num_items, 1), minlength=self.num_rows).astype(np.int64)
+
+
+def _gather(keys: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``keys[starts[i] : starts[i] + counts[i]]`` for every i, concatenated, without a Python loop."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=keys.dtype)
+    first = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+    return keys[first + np.arange(total)]
+
+
+def _drop_seen(rows: np.ndarray, ids: np.ndarray, scores: np.ndarray, seen_keys: np.ndarray, num_items: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove seen items (keys ``row * num_items + item`` of these ``rows``) and FAISS's -1 fillers
+    from sorted result rows; keep the first ``k``."""
+    hit_keys = rows.astype(np.int64)[:, None] * num_items + ids
     drop = (ids < 0) | np.isin(hit_keys, seen_keys)
     order = np.argsort(drop, axis=1, kind="stable")[:, :k]  # kept hits first, in FAISS's (best-first) order
     out_ids = np.take_along_axis(np.where(drop, -1, ids), order, axis=1)
@@ -111,19 +156,22 @@ def _drop_seen(ids: np.ndarray, scores: np.ndarray, seen: Sequence[np.ndarray], 
 
 
 def search_unseen(
-    index: faiss.Index, queries: np.ndarray, seen: Sequence[np.ndarray], k: int, rows_per_search: int = 4096
+    index: faiss.Index, queries: np.ndarray, seen: Sequence[np.ndarray] | SeenItems, k: int, rows_per_search: int = 4096
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``k`` items per query by inner product, best first, never an item of ``seen[i]``.
+    """Top ``k`` items per query by inner product, best first, never an item of the query's seen
+    items (``seen``: one array per query, or a :class:`SeenItems`).
 
     Returns ``(ids, scores)``, both [U, k]; where fewer than ``k`` unseen items are found the rows
     end with id -1 and score -inf. Each query is searched ``k + (its seen count)`` deep (queries
-    are grouped by seen count so one search call serves similar depths), capped at the index size.
+    are grouped by seen count so one search call of ``rows_per_search`` queries serves similar
+    depths), capped at the index size. Memory beyond the results is per search call, not per user.
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if q.ndim != 2 or q.shape[1] != index.d:
         raise ValueError(f"user vectors must be [num_users, {index.d}] to match the item index, got shape {q.shape}")
-    if len(seen) != q.shape[0]:
-        raise ValueError(f"need one seen-item list per user: {q.shape[0]} users, {len(seen)} seen lists")
+    seen = seen if isinstance(seen, SeenItems) else SeenItems.from_lists(seen)
+    if seen.num_rows != q.shape[0]:
+        raise ValueError(f"need one seen-item list per user: {q.shape[0]} users, {seen.num_rows} seen lists")
     if k < 1:
         raise ValueError(f"search_unseen: k must be >= 1, got {k}")
     n = index.ntotal
@@ -131,14 +179,13 @@ def search_unseen(
     scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
     if q.shape[0] == 0:
         return ids, scores
-    clean = [np.unique(s[(s >= 0) & (s < n)]) for s in (np.asarray(s, dtype=np.int64).reshape(-1) for s in seen)]
-    seen_counts = np.array([len(s) for s in clean], dtype=np.int64)
+    keys, seen_counts = seen.keys(n)
+    key_starts = np.concatenate([[0], np.cumsum(seen_counts)[:-1]]).astype(np.int64)
     by_depth = np.argsort(seen_counts, kind="stable")
     for start in range(0, len(by_depth), rows_per_search):
         rows = by_depth[start : start + rows_per_search]
         depth = int(min(n, k + seen_counts[rows].max()))
         found_scores, found_ids = index.search(q[rows], depth)
-        kept_ids, kept_scores = _drop_seen(found_ids, found_scores, [clean[r] for r in rows], n, k)
-        ids[rows] = kept_ids
-        scores[rows] = kept_scores
+        rows_keys = _gather(keys, key_starts[rows], seen_counts[rows])
+        ids[rows], scores[rows] = _drop_seen(rows, found_ids, found_scores, rows_keys, n, k)
     return ids, scores

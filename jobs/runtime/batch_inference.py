@@ -5,6 +5,12 @@ bundle's model, on a pool of Ray Data actors (``infer.use_ray=true``) or in this
 builds a FAISS index over the item vectors (``infer.index``) and keeps each user's ``infer.top_k``
 best unseen items. Writes recommendations.parquet, item_embeddings.parquet,
 user_embeddings.parquet and metrics.json into the run folder.
+
+Every step is linear in users and in items (bench/scale_infer.py measures it): the catalog's text
+is encoded once and reused for the users' histories; on Ray, a batch carries only row numbers,
+and what every actor needs (the users' recent items, the text encodings) is put in the object
+store once; seen items and recommendations stay NumPy / Arrow arrays, never one Python object per
+user or recommendation; FAISS is searched ``rows_per_search`` users at a time.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from inference.bundle import ModelBundle, load_bundle
-from inference.embedding import UserHistories, embed_all_users, embed_catalog, embed_items, embed_users, load_embedding_model, user_histories
+from inference.embedding import UserHistories, embed_all_users, embed_catalog, embed_items, embed_users, encode_catalog_text, load_embedding_model, user_histories
 from inference.faiss_index import IndexChoice, auto_index, build_index, search_unseen
 from jobs.runtime.config_schema import validate
 from jobs.runtime.console import say
@@ -30,95 +36,131 @@ from jobs.runtime.tracking import log_job_result
 log = logging.getLogger(__name__)
 
 
-ITEM, USER = 0, 1  # the ``kind`` of a work row
+def _shared(value):
+    """A value handed to a Ray Data actor: object-store references are fetched (zero-copy for
+    NumPy arrays: every actor of a node reads the same shared memory)."""
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
-class Embedder:
-    """Ray Data actor: loads the bundle's model once, then embeds batches of work rows.
-
-    A row is an item (``kind`` ITEM, its index in ``items[0]``) or a user (``kind`` USER, right-padded
-    recent items and ``length``), so one actor pool serves the catalog and the users.
-    """
+class CatalogEmbedder:
+    """Ray Data actor: loads the bundle's model once, then embeds batches of item indices
+    (``data``), returning their vectors and, for a text tower, their pooled text encodings
+    (which the users' pass reuses instead of running the text encoder again)."""
 
     def __init__(self, bundle_path: str, device: str):
         torch.set_grad_enabled(False)
         self.model = load_embedding_model(bundle_path, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        kind, items = batch["kind"], batch["items"]
-        vectors = np.zeros((len(kind), self.model.item_tower.dim), dtype=np.float32)
-        seconds = np.zeros(len(kind), dtype=np.float64)  # compute time, spread over the rows of each kind
-        for k in (ITEM, USER):
-            rows = np.flatnonzero(kind == k)
-            if rows.size == 0:
-                continue
-            t0 = time.perf_counter()
-            vectors[rows] = embed_items(self.model, items[rows, 0]) if k == ITEM else embed_users(self.model, items[rows], batch["length"][rows])
-            seconds[rows] = (time.perf_counter() - t0) / rows.size
-        return {"kind": kind, "key": batch["key"], "embedding": vectors, "seconds": seconds}
+        t0 = time.perf_counter()
+        key = np.asarray(batch["data"], dtype=np.int64)
+        encoded = encode_catalog_text(self.model, key)
+        order = np.argsort(key, kind="stable")  # ``encoded`` is in sorted item order
+        key = key[order]
+        out = {"key": key, "embedding": embed_items(self.model, key, encoded)}
+        if encoded is not None:
+            out["text"] = encoded[1].float().cpu().numpy()
+        out["seconds"] = np.full(len(key), (time.perf_counter() - t0) / max(1, len(key)))  # compute time, spread over the rows
+        return out
 
 
-def work_rows(num_items: int, users: UserHistories) -> list[dict[str, object]]:
-    """One row per catalog item, then one per user, all with the same columns (see ``Embedder``)."""
-    width = users.items.shape[1]
-    item_items = np.zeros((num_items, width), dtype=np.int64)
-    item_items[:, 0] = np.arange(num_items)
-    rows: list[dict[str, object]] = [{"kind": ITEM, "key": i, "items": item_items[i], "length": 1} for i in range(num_items)]
-    rows += [{"kind": USER, "key": r, "items": users.items[r], "length": int(users.lengths[r])} for r in range(len(users.lengths))]
-    return rows
+class UserEmbedder:
+    """Ray Data actor: embeds batches of user rows (``data``) from the right-padded recent items and
+    lengths of every user and the catalog's text encodings, each put in Ray's object store once
+    by the driver (a batch carries only its row numbers)."""
+
+    def __init__(self, bundle_path: str, device: str, shared: dict):
+        torch.set_grad_enabled(False)
+        self.model = load_embedding_model(bundle_path, device)
+        self.items, self.lengths = _shared(shared["items"]), _shared(shared["lengths"])
+        text = _shared(shared["text"])
+        self.encoded = None if text is None else (torch.arange(len(text), device=device), torch.tensor(text, device=device))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        key = np.asarray(batch["data"], dtype=np.int64)
+        vectors = embed_users(self.model, self.items[key], self.lengths[key], self.encoded)
+        return {"key": key, "embedding": vectors, "seconds": np.full(len(key), (time.perf_counter() - t0) / max(1, len(key)))}
 
 
-def _ordered(kind: np.ndarray, key: np.ndarray, vectors: np.ndarray, which: int, n: int) -> np.ndarray:
-    """The [n, dim] vectors of rows of kind ``which``, ordered by key; every key 0..n-1 exactly once."""
-    sel = kind == which
-    k = key[sel]
-    if len(k) != n or not np.array_equal(np.sort(k), np.arange(n)):
-        name = "item" if which == ITEM else "user"
-        raise RuntimeError(f"Ray Data returned {len(k)} {name} rows, expected each of 0..{n - 1} exactly once")
-    return vectors[sel][np.argsort(k)].astype(np.float32)
+def _collect(ds, n: int, what: str, columns: tuple[str, ...]) -> tuple[dict[str, np.ndarray], float]:
+    """The dataset's columns ordered by ``key`` (each of 0..n-1 exactly once), and the actors'
+    compute seconds summed."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("key", "seconds", *columns)}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for name, values in parts.items():
+            values.append(batch[name])
+    key = np.concatenate(parts["key"]) if parts["key"] else np.zeros(0, np.int64)
+    if len(key) != n or not np.array_equal(np.sort(key), np.arange(n)):
+        raise RuntimeError(f"Ray Data returned {len(key)} {what} rows, expected each of 0..{n - 1} exactly once")
+    order = np.argsort(key)
+    out = {name: np.concatenate(parts[name])[order].astype(np.float32) for name in columns}
+    return out, float(np.concatenate(parts["seconds"]).sum())
 
 
-def embed_with_ray(cfg: DictConfig, bundle_path: Path, num_items: int, users: UserHistories) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Item and user vectors from a pool of ``infer.num_actors`` Ray Data actors.
-
-    Returns them with the actors' compute seconds for items and for users (summed over actors).
-    """
+def _map(ds, fn, cfg: DictConfig, kwargs: dict):
+    """``fn`` (an actor class) over ``ds`` on a pool of ``infer.num_actors`` actors."""
     import ray
 
     i = cfg.infer
-    rows = work_rows(num_items, users)
-    # at least one block per actor, so small inputs still spread over the pool
-    blocks = min(len(rows), max(i.num_actors, -(-len(rows) // i.batch_size)))
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, blocks))
-    ds = ds.map_batches(
-        Embedder,
-        fn_constructor_kwargs={"bundle_path": str(bundle_path.resolve()), "device": "cuda" if i.gpus_per_actor > 0 else "cpu"},
+    return ds.map_batches(
+        fn,
+        fn_constructor_kwargs=kwargs,
         batch_size=i.batch_size,
         compute=ray.data.ActorPoolStrategy(size=i.num_actors),
         num_cpus=i.cpus_per_actor,
         num_gpus=i.gpus_per_actor,
         batch_format="numpy",
     )
-    parts: dict[str, list[np.ndarray]] = {"kind": [], "key": [], "embedding": [], "seconds": []}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for name, values in parts.items():
-            values.append(batch[name])
-    kind, key, vectors, seconds = (np.concatenate(parts[name]) for name in ("kind", "key", "embedding", "seconds"))
-    item_vecs = _ordered(kind, key, vectors, ITEM, num_items)
-    user_vecs = _ordered(kind, key, vectors, USER, len(users.lengths))
-    return item_vecs, user_vecs, float(seconds[kind == ITEM].sum()), float(seconds[kind == USER].sum())
 
 
-def embed_in_process(cfg: DictConfig, bundle: ModelBundle, users: UserHistories) -> tuple[np.ndarray, np.ndarray, float, float]:
+def _rows(n: int, cfg: DictConfig):
+    """Row numbers 0..n-1 as a Ray dataset (column ``data``), in at least one block per actor, so
+    small inputs still spread over the pool. The blocks are put by this process: no read tasks,
+    which would wait for ever for a CPU that the actors hold on a cluster of ``num_actors`` CPUs."""
+    import ray
+
+    i = cfg.infer
+    blocks = max(1, min(n, max(i.num_actors, -(-n // i.batch_size))))
+    return ray.data.from_numpy(np.array_split(np.arange(n, dtype=np.int64), blocks))
+
+
+def embed_with_ray(cfg: DictConfig, bundle_path: Path, num_items: int, users: UserHistories, with_text: bool) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Item and user vectors from pools of ``infer.num_actors`` Ray Data actors: the catalog first
+    (vectors and text encodings), then the users, whose inputs are put in the object store once.
+
+    ``with_text``: the item tower has a text encoder. Returns the vectors with the seconds of each
+    pass (wall) and the actors' compute seconds (summed over actors).
+    """
+    import ray
+
+    device = "cuda" if cfg.infer.gpus_per_actor > 0 else "cpu"
+    path = str(bundle_path.resolve())
+    t0 = time.perf_counter()
+    items = _map(_rows(num_items, cfg), CatalogEmbedder, cfg, {"bundle_path": path, "device": device})
+    got, sec_items = _collect(items, num_items, "item", ("embedding", "text") if with_text else ("embedding",))
+    t1 = time.perf_counter()
+    shared = {"items": ray.put(users.items), "lengths": ray.put(users.lengths), "text": ray.put(got["text"]) if with_text else None}
+    n_users = len(users.lengths)
+    vectors = _map(_rows(n_users, cfg), UserEmbedder, cfg, {"bundle_path": path, "device": device, "shared": shared})
+    user_got, sec_users = _collect(vectors, n_users, "user", ("embedding",))
+    t2 = time.perf_counter()
+    return got["embedding"], user_got["embedding"], {"items": t1 - t0, "users": t2 - t1, "items_compute": sec_items, "users_compute": sec_users}
+
+
+def embed_in_process(cfg: DictConfig, bundle: ModelBundle, users: UserHistories) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """The same embeddings computed in this process (``infer.use_ray=false``), with the seconds each took."""
     device = "cuda" if cfg.hardware.accelerator == "gpu" and torch.cuda.is_available() else "cpu"
     model = bundle.model.to(device)
     t0 = time.perf_counter()
-    item_vecs = embed_catalog(model, bundle.catalog.num_items, cfg.infer.batch_size)
+    encoded = encode_catalog_text(model)
+    item_vecs = embed_catalog(model, bundle.catalog.num_items, cfg.infer.batch_size, encoded=encoded)
     t1 = time.perf_counter()
-    user_vecs = embed_all_users(model, users, cfg.infer.batch_size)
+    user_vecs = embed_all_users(model, users, cfg.infer.batch_size, encoded=encoded)
     t2 = time.perf_counter()
-    return item_vecs, user_vecs, t1 - t0, t2 - t1
+    return item_vecs, user_vecs, {"items": t1 - t0, "users": t2 - t1, "items_compute": t1 - t0, "users_compute": t2 - t1}
 
 
 def _vector_column(vectors: np.ndarray) -> pa.Array:
@@ -138,19 +180,21 @@ def write_outputs(run_dir: Path, bundle: ModelBundle, item_vecs: np.ndarray, use
     users = bundle.users.user_ids.astype(str)
     item_ids = bundle.catalog.item_ids.astype(str)
     keep = ids >= 0
-    rec_items = np.where(keep, item_ids[np.where(keep, ids, 0)], "")
+    catalog_ids = pa.array(item_ids, type=pa.string())
+    offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
     pq.write_table(
         pa.table(
             {
                 "user_id": pa.array(users, type=pa.string()),
-                "item_ids": _ragged_column(rec_items, keep, pa.string()),
+                # ids to strings by one Arrow take, not one Python string per recommendation
+                "item_ids": pa.ListArray.from_arrays(pa.array(offsets), catalog_ids.take(pa.array(ids[keep]))),
                 "scores": _ragged_column(scores.astype(np.float32), keep, pa.float32()),
             }
         ),
         run_dir / "recommendations.parquet",
     )
     pq.write_table(
-        pa.table({"item_id": pa.array(item_ids, type=pa.string()), "embedding": _vector_column(item_vecs)}),
+        pa.table({"item_id": catalog_ids, "embedding": _vector_column(item_vecs)}),
         run_dir / "item_embeddings.parquet",
     )
     pq.write_table(pa.table({"user_id": pa.array(users, type=pa.string()), "embedding": _vector_column(user_vecs)}), run_dir / "user_embeddings.parquet")
@@ -182,13 +226,16 @@ def batch_infer(cfg: DictConfig, bundle_path: Path, run_dir: Path) -> dict[str, 
     t_loaded = time.perf_counter()
     log.info("batch_infer: %d users, %d items, %s", len(users.lengths), num_items, "Ray Data actors" if cfg.infer.use_ray else "in process")
     t_embed = time.perf_counter()
+    ray_start = 0.0
     if cfg.infer.use_ray:
         with ray_session(cfg, infer_needs(cfg), {str(cfg.paths.outputs_root): "paths.outputs_root"}):
-            item_vecs, user_vecs, sec_items, sec_users = embed_with_ray(cfg, bundle_path, num_items, users)
+            ray_start = time.perf_counter() - t_embed
+            item_vecs, user_vecs, sec = embed_with_ray(cfg, bundle_path, num_items, users, bundle.model.item_tower.encoder is not None)
     else:
-        item_vecs, user_vecs, sec_items, sec_users = embed_in_process(cfg, bundle, users)
+        item_vecs, user_vecs, sec = embed_in_process(cfg, bundle, users)
     sec_embed = time.perf_counter() - t_embed
-    log.info("embedding took %.1fs (model compute: %d items %.2fs, %d users %.2fs)", sec_embed, num_items, sec_items, len(users.lengths), sec_users)
+    log.info("embedding took %.1fs (%d items %.2fs, %d users %.2fs; model compute %.2fs and %.2fs)",
+             sec_embed, num_items, sec["items"], len(users.lengths), sec["users"], sec["items_compute"], sec["users_compute"])
 
     choice = index_choice(cfg, num_items)
     t0 = time.perf_counter()
@@ -209,8 +256,11 @@ def batch_infer(cfg: DictConfig, bundle_path: Path, run_dir: Path) -> dict[str, 
         "infer/num_short_lists": float((lengths < cfg.infer.top_k).sum()),
         "infer/seconds_load": t_loaded - t_start,
         "infer/seconds_embed": sec_embed,
-        "infer/seconds_embed_items": sec_items,
-        "infer/seconds_embed_users": sec_users,
+        "infer/seconds_ray_start": ray_start,  # 0 in process
+        "infer/seconds_embed_items_wall": sec["items"],  # the catalog's pass, actors' start included
+        "infer/seconds_embed_users_wall": sec["users"],
+        "infer/seconds_embed_items": sec["items_compute"],  # model compute, summed over actors
+        "infer/seconds_embed_users": sec["users_compute"],
         "infer/seconds_build_index": t1 - t0,
         "infer/seconds_search": t2 - t1,
         "infer/seconds_write": t3 - t2,

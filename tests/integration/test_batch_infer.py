@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from inference.bundle import BundleError, load_bundle
-from inference.embedding import embed_catalog, embed_items, embed_users, load_embedding_model, user_histories
+from inference.embedding import embed_all_users, embed_catalog, embed_items, embed_users, encode_catalog_text, load_embedding_model, user_histories
+from inference.faiss_index import SeenItems
 from jobs import batch_infer, pipeline
 from lightning_modules.ranking_metrics import top_k
 from tests.conftest import TINY, compose_config
@@ -128,8 +129,11 @@ def test_user_histories_keep_the_last_items_and_every_seen_item():
     np.testing.assert_array_equal(users.items, [[6, 7, 8], [3, 0, 0]])
     np.testing.assert_array_equal(users.lengths, [3, 1])
     assert [s.tolist() for s in users.seen] == [[5, 6, 7, 8], [3]]
-    with pytest.raises(ValueError, match="empty history"):
-        user_histories([np.array([], dtype=np.int64)], 3)
+    with pytest.raises(ValueError, match="user row 1 has an empty history"):
+        user_histories([np.array([2]), np.array([], dtype=np.int64)], 3)
+    flat = user_histories(SeenItems(np.array([0, 4, 5, 7]), np.array([5, 6, 7, 8, 3, 1, 2])), max_seq_len=3)  # one flat array
+    np.testing.assert_array_equal(flat.items, [[6, 7, 8], [3, 0, 0], [1, 2, 0]])
+    np.testing.assert_array_equal(flat.lengths, [3, 1, 2])
 
 
 def test_embedding_functions_match_the_model_in_any_batch(trained):
@@ -145,3 +149,23 @@ def test_embedding_functions_match_the_model_in_any_batch(trained):
         np.testing.assert_allclose(together[row], embed_users(model, users.items[row : row + 1], users.lengths[row : row + 1])[0], rtol=0, atol=1e-5)
     with pytest.raises(BundleError, match="no-such"):
         load_embedding_model(finetune / "no-such")
+
+
+def test_the_text_encoder_runs_once_per_catalog_item_not_per_history_item(trained):
+    """Users' histories reuse the catalog's text encodings: embedding the catalog and every user
+    runs the text encoder over each item once, and gives the model's own vectors."""
+    _, finetune = trained
+    bundle = load_bundle(finetune / "bundle")
+    model = load_embedding_model(finetune / "bundle")
+    encoded_rows: list[int] = []
+    model.item_tower.encoder.register_forward_pre_hook(lambda m, args, kwargs: encoded_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    users = user_histories(bundle.users.histories, bundle.max_seq_len)
+    encoded = encode_catalog_text(model)
+    items = embed_catalog(model, 60, batch_size=16, encoded=encoded)
+    vectors = embed_all_users(model, users, batch_size=16, encoded=encoded)
+    assert sum(encoded_rows) == 60
+    with torch.no_grad():
+        np.testing.assert_allclose(items, bundle.model.catalog_vectors().numpy(), rtol=0, atol=1e-5)
+        mask = torch.arange(users.items.shape[1])[None, :] < torch.as_tensor(users.lengths)[:, None]
+        want = bundle.model.user_vectors(torch.as_tensor(users.items), mask).numpy()
+    np.testing.assert_allclose(vectors, want, rtol=0, atol=1e-5)

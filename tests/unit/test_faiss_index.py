@@ -143,3 +143,23 @@ def test_batch_inference_takes_the_index_from_the_config(tmp_path):
     assert index_choice(cfg, 300).params == {"hnsw_m": 32, "ef_search": 64}
     cfg = compose_config("batch_infer", ["experiment=tiny", "infer.index.kind=ivfpq", "infer.index.refine_factor=8"], tmp_path)
     assert index_choice(cfg, 300).params == {"nlist": 64, "nprobe": 8, "pq_m": None, "refine_factor": 8}
+
+
+def test_seen_items_as_one_flat_array_give_the_same_lists(data):
+    """SeenItems (CSR: offsets + one array) filters exactly as one array per user, whatever the
+    order of rows the depth grouping searches them in."""
+    from inference.faiss_index import SeenItems
+
+    items, users, seen = data
+    flat = SeenItems.from_lists(seen)
+    assert len(flat) == U and [s.tolist() for s in flat] == [s.tolist() for s in seen]
+    index = build_index(items)
+    for rows_per_search in (3, 4096):  # many search calls (rows of mixed depths) and one
+        got = search_unseen(index, users, flat, K, rows_per_search=rows_per_search)
+        want = search_unseen(index, users, seen, K)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], brute_force(items, users, seen, K)[0])
+    keys, counts = SeenItems.from_lists([np.array([3, 3, -1, 7]), np.array([], np.int64), np.array([N, 1])]).keys(N)
+    np.testing.assert_array_equal(keys, [3, 7, 2 * N + 1])  # duplicates and out-of-range ids dropped
+    np.testing.assert_array_equal(counts, [2, 0, 1])
