@@ -206,6 +206,7 @@ def build_trainer(cfg: DictConfig, stage: str, run_dir: Path, callbacks: list, *
         log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
         enable_progress_bar=False,  # the console draws its own bar from the run folder (jobs/runtime/console.py)
         num_sanity_val_steps=0,
         default_root_dir=str(run_dir),

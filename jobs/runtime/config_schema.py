@@ -172,6 +172,7 @@ class TrainerConfig:
     monitor: str = "val/ndcg@10"
     check_val_every_n_epoch: int = 1
     limit_train_batches: float = 1.0
+    limit_val_batches: float = 1.0  # a fraction of the validation batches, or a number of them (> 1)
     log_every_n_steps: int = 10
     deterministic: bool = True
     enable_progress_bar: bool = True  # the console's bar of each training stage (on a terminal)
@@ -191,6 +192,7 @@ class DebugConfig:
     fail_rank: int = 1
     record_losses: bool = False  # each rank writes its step losses to <run>/debug/losses-rank<r>.jsonl
     record_scores: bool = False  # rank 0 saves each epoch's first validation batch and its scores
+    record_step_times: bool = False  # each rank writes its step and validation times to <run>/debug/step_times-rank<r>.json
 
 
 class StrategyName(str, Enum):
