@@ -10,7 +10,9 @@ from jobs.runtime.assembly import build_datamodule, build_model, build_module, b
 
 GOLDEN = {
     "pretrain": [5.01843, 4.77505, 4.61358, 4.34277, 4.33466],
-    "finetune": [4.9689, 4.82271, 4.67199, 4.55543, 4.43141],
+    # negatives drawn by index (randint) since issue #13, not torch.multinomial: the same
+    # distribution, other draws
+    "finetune": [5.02412, 4.82548, 4.58661, 4.51472, 4.37110],
 }
 
 
