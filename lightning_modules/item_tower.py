@@ -77,6 +77,7 @@ class ItemTower(nn.Module):
         id_dropout: float = 0.0,
         static_width: bool = False,
         compile_encoder: bool = False,
+        sparse_ids: bool = False,
     ):
         super().__init__()
         # config values are checked once, by the config schema (jobs/runtime/config_schema.py);
@@ -96,7 +97,9 @@ class ItemTower(nn.Module):
         self.compile_encoder = compile_encoder
         self._compiled = False
         self.encoder = encoder
-        self.id_embedding = nn.Embedding(num_items, dim) if use_id_embedding else None
+        # sparse_ids: the id table's gradient holds only the rows of the step (for large catalogs;
+        # the optimiser must take sparse gradients: RetrievalModule picks SparseRowAdamW)
+        self.id_embedding = nn.Embedding(num_items, dim, sparse=sparse_ids) if use_id_embedding else None
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=dim**-0.5)
         self.dropout = nn.Dropout(dropout)
@@ -164,7 +167,7 @@ class ItemTower(nn.Module):
             self.attention_mask = torch.cat([widen(self.attention_mask), widen(attention_mask.to(self.attention_mask.dtype))])
         if self.id_embedding is not None:
             old = self.id_embedding
-            grown = nn.Embedding(first + n, self.dim, device=old.weight.device, dtype=old.weight.dtype)
+            grown = nn.Embedding(first + n, self.dim, device=old.weight.device, dtype=old.weight.dtype, sparse=old.sparse)
             grown.weight.zero_()
             grown.weight[:first] = old.weight
             grown.weight.requires_grad_(old.weight.requires_grad)
