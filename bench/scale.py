@@ -1,154 +1,181 @@
-"""How the cost grows with the catalog: retrieval of top-100 by exact and approximate FAISS indexes.
+"""How the cost grows with the data, the catalog and the users: every stage at growing sizes.
 
-    python bench/scale.py                                   # 100 k and 1 M items, 1,000 queries
-    python bench/scale.py --items 100000 1000000 --queries 1000 --like outputs/pipeline/<date>/<time>
+    python bench/scale.py                         # the default run (under 45 minutes on 2 cores)
+    python bench/scale.py --stages data index     # some stages
+    python bench/scale.py --quick --out /tmp/s    # tiny sizes, a minute or two (tests use it)
 
-Stage ``index`` (the only stage so far; issue #13 adds data, training and batch inference):
-for each catalog size it builds FAISS flat (exact), IVF, HNSW and IVF-PQ (4-bit fast-scan codes,
-candidates re-ranked exactly) indexes over item vectors and
-searches top-100 for the same user vectors, reporting build seconds, queries/s (the fastest of
-two searches), recall@100 against the exact search, and speed-up over it, all measured in this run. The setting that
-``infer.index.kind=auto`` picks for each size (inference/faiss_index.py: auto_index) is marked.
+Stages (each size measured in a fresh process, so each peak RSS is that size's own):
 
-The vectors are not random noise: they are drawn with the mean and the singular spectrum of a
-trained model's item and user vectors (``--like``: a pipeline run's batch_infer embeddings;
-default the newest ml100k pipeline run), so the search is as hard as on that model's space.
-Prints a markdown table and writes ``docs/scale_index.json``.
+- ``data`` (bench/scale_data.py): synthetic interactions at 1 M, 5 M and 20 M rows: generation,
+  preparation to Parquet, the leave-one-out split, datamodule start-up.
+- ``train`` (bench/scale_train.py): sampled-softmax fine-tuning steps with catalogs of 10 k,
+  100 k and 1 M items on 1 and 2 Ray workers; validation by full ranking, per user.
+- ``infer`` (bench/scale_infer.py): batch inference for 100 k and 1 M users over 100 k and 1 M
+  items, in process and through Ray Data with 1 and 2 actors.
+- ``index`` (bench/scale_index.py): FAISS exact against IVF, HNSW and IVF-PQ at 100 k and 1 M items.
+
+For every (stage, step) measured at two sizes or more it fits the slope of log(seconds) and of
+log(peak RSS) against log(size) and compares it with the slope the step should have (1 for work
+proportional to the size; 0 for a training step, whose cost must not depend on the catalog).
+Writes ``scale.json`` and ``scale_growth.png`` into ``--out`` (default docs/) and, unless
+``--quick``, replaces the "Scale" section of docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import sys
+import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-K = 100
+from scale_common import say  # noqa: E402
 
-
-def embeddings(path: Path) -> np.ndarray:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    return np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float64)
-
-
-def newest_ml100k_run() -> Path:
-    runs = sorted((ROOT / "outputs" / "pipeline").glob("*/*/batch_infer/item_embeddings.parquet"))
-    runs = [r.parents[1] for r in runs if "ml100k" in (r.parents[1] / "config.yaml").read_text()] if runs else []
-    if not runs:
-        raise SystemExit("bench/scale.py: no ml100k pipeline run with batch_infer outputs; run `make run` first or pass --like")
-    return runs[-1]
+STAGES = ("data", "train", "infer", "index")
+BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
+# the slope a step should have against its size; steps not named here should grow linearly
+EXPECTED_SLOPE = {("train", "step_1_worker"): 0.0, ("train", "step_2_workers"): 0.0}
+SLOPE_TOLERANCE = 0.25
 
 
-class Spectrum:
-    """The mean and the principal axes with their spreads of a set of vectors; draws more like them."""
-
-    def __init__(self, x: np.ndarray):
-        self.mean = x.mean(axis=0)
-        _, s, vt = np.linalg.svd(x - self.mean, full_matrices=False)
-        self.scale = s / np.sqrt(len(x))
-        self.axes = vt
-
-    def draw(self, n: int, rng: np.random.Generator, chunk: int = 200_000) -> np.ndarray:
-        out = np.empty((n, self.mean.shape[0]), dtype=np.float32)
-        for start in range(0, n, chunk):
-            z = rng.standard_normal((min(chunk, n - start), self.scale.shape[0]))
-            out[start : start + len(z)] = self.mean + (z * self.scale) @ self.axes
-        return out
+def run_stage(stage: str, out_dir: Path, quick: bool) -> list[dict]:
+    """The rows of one stage (its module's ``run_stage`` with its default or quick sizes)."""
+    module = __import__(f"scale_{stage}")
+    folder = out_dir / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    return module.run_stage(out_dir=folder, quick=quick)
 
 
-def recall(found: np.ndarray, exact: np.ndarray) -> float:
-    hits = [len(np.intersect1d(a[a >= 0], b)) for a, b in zip(found, exact)]
-    return float(np.mean(hits)) / exact.shape[1]
-
-
-def timed_search(index, queries: np.ndarray, repeats: int = 2) -> tuple[np.ndarray, float]:
-    """Top-K ids and the fastest of ``repeats`` searches (this machine is shared: the minimum is
-    the least disturbed measurement, for the exact baseline and every index alike)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _, ids = index.search(queries, K)
-        best = min(best, time.perf_counter() - start)
-    return ids, best
-
-
-def index_stage(sizes: list[int], num_queries: int, like: Path, seed: int) -> list[dict]:
-    import faiss
-
-    from inference.faiss_index import auto_index, build_index
-
-    items_like = Spectrum(embeddings(like / "batch_infer" / "item_embeddings.parquet"))
-    users_like = Spectrum(embeddings(like / "batch_infer" / "user_embeddings.parquet"))
-    rows: list[dict] = []
-    for n in sizes:
-        rng = np.random.default_rng(seed)
-        items, users = items_like.draw(n, rng), users_like.draw(num_queries, rng)
-        print(f"index: {n:,} items x {items.shape[1]} dims, {num_queries:,} queries", flush=True)
-        start = time.perf_counter()
-        flat = build_index(items, "flat")
-        flat_build = time.perf_counter() - start
-        exact, flat_seconds = timed_search(flat, users)
-        del flat
-        base = {"items": n, "dim": items.shape[1], "queries": num_queries, "threads": faiss.omp_get_max_threads()}
-        auto = auto_index(n)
-        rows.append(base | {"kind": "flat", "setting": "exact", "build_s": flat_build, "search_s": flat_seconds, "qps": num_queries / flat_seconds,
-                            "recall": 1.0, "speedup": 1.0, "auto": auto.kind == "flat"})
-        settings = [("ivf", {"nlist": nlist, "nprobe": p}) for nlist in (int(4 * np.sqrt(n)),) for p in (16, 32, 64, 128, 256)]
-        settings += [("hnsw", {"hnsw_m": 32, "ef_search": ef}) for ef in (128, 256, 512, 768)]
-        settings += [("ivfpq", {"nlist": int(2 * np.sqrt(n)), "nprobe": p, "refine_factor": 16}) for p in (64, 128, 256)]
-        if auto.kind != "flat" and (auto.kind, auto.params) not in settings:
-            settings.append((auto.kind, auto.params))
-        built: dict = {}
-        for kind, params in settings:
-            build_key = (kind, params.get("nlist"), params.get("hnsw_m"), params.get("refine_factor"))
-            if build_key not in built:
-                start = time.perf_counter()
-                built[build_key] = (build_index(items, kind, **params), time.perf_counter() - start)
-            index, build_s = built[build_key]
-            if kind == "ivf":
-                index.nprobe = params["nprobe"]
-            elif kind == "ivfpq":
-                faiss.extract_index_ivf(index).nprobe = params["nprobe"]
-            else:
-                index.hnsw.efSearch = params["ef_search"]
-            ids, seconds = timed_search(index, users)
-            row = base | {"kind": kind, "setting": ", ".join(f"{k}={v}" for k, v in params.items()), "build_s": build_s, "search_s": seconds,
-                          "qps": num_queries / seconds, "recall": recall(ids, exact), "speedup": flat_seconds / seconds,
-                          "auto": auto.kind == kind and auto.params == params}
-            rows.append(row)
-            print(f"  {kind:5s} {row['setting']:28s} build {build_s:7.1f} s  {row['qps']:9.0f} q/s  recall@{K} {row['recall']:.4f}  x{row['speedup']:.1f}{'  <- auto' if row['auto'] else ''}", flush=True)
-    return rows
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| items | index | setting | build s | queries/s | recall@100 | speed-up vs exact | auto |", "|---|---|---|---|---|---|---|---|"]
+def slopes(rows: list[dict]) -> list[dict]:
+    """Least-squares slope of log(seconds) and log(peak RSS) against log(size) per (stage, step)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        lines.append(f"| {r['items']:,} | {r['kind']} | {r['setting']} | {r['build_s']:.1f} | {r['qps']:,.0f} | {r['recall']:.4f} | {r['speedup']:.1f}x | {'yes' if r.get('auto') else ''} |")
-    return "\n".join(lines)
+        if r.get("growth", True):
+            groups.setdefault((r["stage"], r["step"]), []).append(r)
+    out = []
+    for (stage, step), group in groups.items():
+        sizes = np.array([r["size"] for r in group], dtype=np.float64)
+        if len(np.unique(sizes)) < 2:
+            continue
+        x = np.log(sizes)
+        time_slope = float(np.polyfit(x, np.log([max(r["seconds"], 1e-9) for r in group]), 1)[0])
+        memory_slope = float(np.polyfit(x, np.log([r["peak_rss_mb"] for r in group]), 1)[0])
+        expected = EXPECTED_SLOPE.get((stage, step), 1.0)
+        out.append({"stage": stage, "step": step, "unit": group[0]["unit"], "sizes": sorted({int(s) for s in sizes}),
+                    "time_slope": time_slope, "memory_slope": memory_slope, "expected": expected,
+                    "within": time_slope <= expected + SLOPE_TOLERANCE})
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Log-log time and peak RSS against size, one panel pair per stage, one line per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in STAGES if any(r["stage"] == s and r.get("growth", True) for r in rows)]
+    fig, axes = plt.subplots(len(stages), 2, figsize=(12, 3.6 * len(stages)), squeeze=False)
+    for (ax_t, ax_m), stage in zip(axes, stages):
+        steps: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["stage"] == stage and r.get("growth", True):
+                steps.setdefault(r["step"], []).append(r)
+        for step, group in steps.items():
+            group = sorted(group, key=lambda r: r["size"])
+            sizes = [r["size"] for r in group]
+            ax_t.plot(sizes, [r["seconds"] for r in group], marker="o", label=step)
+            ax_m.plot(sizes, [r["peak_rss_mb"] / 1024 for r in group], marker="o", label=step)
+        unit = next(r["unit"] for r in rows if r["stage"] == stage)
+        for ax, ylabel in ((ax_t, "seconds"), (ax_m, "peak RSS, GiB")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(unit)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{stage}: {ylabel}")
+            ax.grid(True, which="both", alpha=0.3)
+        ax_t.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.3g}" if value < 100 else f"{value:,.0f}"
+
+
+def markdown(rows: list[dict], fitted: list[dict], meta: dict) -> str:
+    lines = [f"`{meta['command']}` on {meta['date']}, {meta['cpus']} CPUs, {meta['machine']}; {meta['minutes']:.1f} minutes in all.",
+             f"Raw rows: `{meta['out']}/scale.json`; plots: `{meta['out']}/scale_growth.png`.", "",
+             "### Growth", "",
+             "| stage | step | sizes | slope of log time | slope of log peak RSS | expected time slope | within |",
+             "|---|---|---|---|---|---|---|"]
+    for f in fitted:
+        sizes = ", ".join(f"{s:,}" for s in f["sizes"])
+        lines.append(f"| {f['stage']} | {f['step']} | {sizes} {f['unit']} | {f['time_slope']:.2f} | {f['memory_slope']:.2f} | {f['expected']:.0f} | {'yes' if f['within'] else '**no**'} |")
+    lines += ["", "### Measurements", "", "| stage | step | size | seconds | peak RSS MiB | also |", "|---|---|---|---|---|---|"]
+    skip = {"stage", "step", "size", "unit", "seconds", "peak_rss_mb", "growth"}
+    for r in rows:
+        if not r.get("growth", True) and r["stage"] == "index":
+            continue  # the index's settings have their own table
+        also = ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in r.items() if k not in skip)
+        lines.append(f"| {r['stage']} | {r['step']} | {r['size']:,} {r['unit']} | {_fmt(r['seconds'])} | {r['peak_rss_mb']:,.0f} | {also} |")
+    index_rows = [r for r in rows if r["stage"] == "index" and not r.get("growth", True)]
+    if index_rows:
+        import scale_index
+
+        lines += ["", "### Retrieval index settings", "", index_rows[0].get("source", ""), "", scale_index.table(index_rows)]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(doc: Path, body: str) -> None:
+    """Replace the text between the scale markers of ``doc`` (appended when missing)."""
+    text = doc.read_text()
+    block = f"{BEGIN}\n{body}{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stages", nargs="+", default=["index"], choices=["index"])
-    parser.add_argument("--items", nargs="+", type=int, default=[100_000, 1_000_000])
-    parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--like", type=Path, default=None, help="a pipeline run whose batch_infer embeddings give the vectors' spectrum")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "scale_index.json")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every stage runs, measures nothing useful")
+    parser.add_argument("--out", type=Path, default=None, help="where scale.json and scale_growth.png go (default docs/; --quick: required)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder for the stages' files (default: a temporary folder)")
     args = parser.parse_args()
-    like = args.like or newest_ml100k_run()
-    print(f"scale: vectors shaped like {like}; {os.cpu_count()} CPUs", flush=True)
-    rows = index_stage(args.items, args.queries, like, args.seed)
-    args.out.write_text(json.dumps({"like": str(like), "rows": rows}, indent=1) + "\n")
-    print(table(rows))
+    if args.quick and args.out is None:
+        parser.error("--quick needs --out (quick figures do not belong in docs/)")
+    out = args.out or ROOT / "docs"
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="scale-", dir=args.work) as work:
+        for stage in args.stages:
+            say(f"== stage {stage}")
+            t0 = time.perf_counter()
+            rows += run_stage(stage, Path(work), args.quick)
+            say(f"== stage {stage}: {time.perf_counter() - t0:.0f} s")
+    fitted = slopes(rows)
+    meta = {"command": "python bench/scale.py" + (" --stages " + " ".join(args.stages) if args.stages != list(STAGES) else "") + (" --quick" if args.quick else ""),
+            "date": date.today().isoformat(), "cpus": os.cpu_count(), "machine": platform.machine(), "out": os.path.relpath(out, ROOT), "minutes": (time.perf_counter() - started) / 60}
+    (out / "scale.json").write_text(json.dumps({"meta": meta, "slopes": fitted, "rows": rows}, indent=1, default=str) + "\n")
+    plot(rows, out / "scale_growth.png")
+    body = markdown(rows, fitted, meta)
+    if not args.quick:
+        write_section(ROOT / "docs" / "benchmarks.md", body)
+    print(body)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from jobs.runtime.console import say
 
 log = logging.getLogger(__name__)
 
-PREPARE_VERSION = 2  # bump when preprocessing changes what it writes
+PREPARE_VERSION = 3  # bump when preprocessing (or the synthetic generator) changes what it writes
 # model.item_tower.sparse_ids=auto: a sparse id table from this many items on (below it the dense
 # AdamW step over the table costs little, and small runs keep their exact dense results)
 SPARSE_IDS_MIN_ITEMS = 100_000
