@@ -15,9 +15,9 @@ Synthetic data (datamodules.synthetic) with a fixed number of users, so only the
 it is prepared once per catalog size (in its own process) and shared by the worker counts.
 
 Rows (bench/scale_common.py), one fresh process per (catalog, workers):
-- ``step_<w>_worker``: seconds per training step in the steady state (the steps after
+- ``step_1_worker``, ``step_2_workers``: seconds per training step in the steady state (the steps after
   ``warmup``), with ``samples_per_s`` over all workers. It must not grow with the catalog.
-- ``startup_<w>_worker``: seconds from the launch to the end of the first step: Ray, data
+- ``startup_1_worker``, ``startup_2_workers``: seconds from the launch to the end of the first step: Ray, data
   loading, tokenising the catalog and caching its text encodings (once per run).
 - ``validate_full_ranking``: seconds per validated user of the full-ranking validation batches
   (every item scored, seen items removed), which grows with the catalog by nature;
@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.scale_common import in_fresh_process, row, say  # noqa: E402
+from scale_common import in_fresh_process, row, say  # noqa: E402
 
 STAGE = "train"
 DEFAULT_ITEMS = (10_000, 100_000, 1_000_000)
@@ -60,6 +61,7 @@ def overrides(items: int, users: int, workers: int, steps: int, warmup: int, val
         "finetune.max_epochs=1",
         f"trainer.limit_train_batches={warmup + steps}",
         f"trainer.limit_val_batches={val_batches}",
+        "data.eval_batch_size=64",  # a batch scores 64 x N items: 256 MB at 1 M items (256 per batch: 1 GB and copies)
         "trainer.enable_progress_bar=false",
         "debug.record_step_times=true",
         *extra,
@@ -106,14 +108,19 @@ def fine_tune_once(cfg) -> dict:
     from jobs.runtime.ray_fit import run_name_of, torch_trainer
     from jobs.runtime.run_folder import create_run_folder
 
+    # a run of the same name would resume from its checkpoint (jobs/runtime/ray_fit.py): start afresh
+    name = run_name_of(cfg, Path(cfg.paths.output_dir))
+    shutil.rmtree(Path(storage_of(cfg)) / name, ignore_errors=True)
+    shutil.rmtree(cfg.paths.output_dir, ignore_errors=True)
     run_dir = create_run_folder(cfg)
     start = time.perf_counter()
     prepared = prepare_data(cfg)  # as the job does on the driver, once; reused by later runs
     data = {"seconds": time.perf_counter() - start, "users": prepared.num_users, "interactions": prepared.num_interactions}
     launched = time.time()
-    result = torch_trainer(cfg, "finetune", run_dir, run_name_of(cfg, run_dir), storage_of(cfg)).fit()
+    result = torch_trainer(cfg, "finetune", run_dir, name, storage_of(cfg)).fit()
     if result.error:
         raise RuntimeError(f"bench/scale_train.py: the Ray Train run in {run_dir} failed") from result.error
+    shutil.rmtree(Path(storage_of(cfg)) / name, ignore_errors=True)  # its checkpoints: not needed here
     records = [json.loads(p.read_text()) for p in sorted((run_dir / "debug").glob("step_times-rank*.json"))]
     if len(records) != cfg.hardware.num_workers:
         raise RuntimeError(f"bench/scale_train.py: expected {cfg.hardware.num_workers} step-time records in {run_dir / 'debug'}, found {len(records)}")
@@ -156,7 +163,7 @@ def run_stage(
     users: int = 20_000,
     steps: int = 60,
     warmup: int = 10,
-    val_batches: int = 2,
+    val_batches: int = 4,
     extra: tuple[str, ...] = (),
 ) -> list[dict]:
     """Rows of stage ``train`` for every catalog size and worker count (see the module's doc).
@@ -183,9 +190,10 @@ def result_rows(result: dict, warmup: int, first_workers: int, driver_rss: float
     say(f"train: {n:,} items, {data['users']:,} users, {data['interactions']:,} interactions; {w} worker(s): {s['step_s']:.3f} s/step, "
         f"{s['samples_per_s']:.0f} samples/s; start-up {s['startup_s']:.0f} s; validation {1e3 * s['validate_s_per_user']:.2f} ms/user; worker peak {peak:.0f} MiB")
     fields = dict(workers=w, driver_peak_rss_mb=driver_rss)
+    workers = f"{w}_worker" + ("s" if w > 1 else "")
     out = [
-        row(STAGE, f"step_{w}_worker", n, "items", s["step_s"], peak, samples_per_s=s["samples_per_s"], steps=s["steps"], **fields),
-        row(STAGE, f"startup_{w}_worker", n, "items", s["startup_s"], peak, first_step_s=s["first_step_s"], **fields),
+        row(STAGE, f"step_{workers}", n, "items", s["step_s"], peak, samples_per_s=s["samples_per_s"], steps=s["steps"], **fields),
+        row(STAGE, f"startup_{workers}", n, "items", s["startup_s"], peak, first_step_s=s["first_step_s"], **fields),
     ]
     if w == first_workers:
         out.append(row(STAGE, "validate_full_ranking", n, "items", s["validate_s_per_user"], peak, users=s["validated_users"], catalog_s=s["catalog_s"], **fields))

@@ -46,10 +46,18 @@ def auto_chunk_size(
     return min(largest, 1 << (fits.bit_length() - 1))
 
 
-def tokenize_catalog(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention masks of every item text, padded to a common length."""
-    enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
+def tokenize_catalog(tokenizer, texts: list[str], max_tokens: int, chunk: int = 16_384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention masks of every item text, padded to the longest text (at most
+    ``max_tokens``). Tokenised ``chunk`` texts at a time: the tokenizer's Python-side encodings of
+    a million texts at once take gigabytes (and the allocator keeps them)."""
+    ids, masks = [], []
+    for start in range(0, max(1, len(texts)), chunk):
+        enc = tokenizer(texts[start : start + chunk], padding="max_length", truncation=True, max_length=max_tokens, return_tensors="pt")
+        ids.append(enc["input_ids"])
+        masks.append(enc["attention_mask"])
+    token_ids, attention_mask = torch.cat(ids), torch.cat(masks)
+    width = max(1, int(attention_mask.sum(dim=1).max())) if len(texts) else 1
+    return token_ids[:, :width].contiguous(), attention_mask[:, :width].contiguous()
 
 
 class ItemTower(nn.Module):
