@@ -46,10 +46,18 @@ def auto_chunk_size(
     return min(largest, 1 << (fits.bit_length() - 1))
 
 
-def tokenize_catalog(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention masks of every item text, padded to a common length."""
-    enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
+def tokenize_catalog(tokenizer, texts: list[str], max_tokens: int, chunk: int = 16_384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention masks of every item text, padded to the longest text (at most
+    ``max_tokens``). Tokenised ``chunk`` texts at a time: the tokenizer's Python-side encodings of
+    a million texts at once take gigabytes (and the allocator keeps them)."""
+    ids, masks = [], []
+    for start in range(0, max(1, len(texts)), chunk):
+        enc = tokenizer(texts[start : start + chunk], padding="max_length", truncation=True, max_length=max_tokens, return_tensors="pt")
+        ids.append(enc["input_ids"])
+        masks.append(enc["attention_mask"])
+    token_ids, attention_mask = torch.cat(ids), torch.cat(masks)
+    width = max(1, int(attention_mask.sum(dim=1).max())) if len(texts) else 1
+    return token_ids[:, :width].contiguous(), attention_mask[:, :width].contiguous()
 
 
 class ItemTower(nn.Module):
@@ -77,6 +85,7 @@ class ItemTower(nn.Module):
         id_dropout: float = 0.0,
         static_width: bool = False,
         compile_encoder: bool = False,
+        sparse_ids: bool = False,
     ):
         super().__init__()
         # config values are checked once, by the config schema (jobs/runtime/config_schema.py);
@@ -96,7 +105,9 @@ class ItemTower(nn.Module):
         self.compile_encoder = compile_encoder
         self._compiled = False
         self.encoder = encoder
-        self.id_embedding = nn.Embedding(num_items, dim) if use_id_embedding else None
+        # sparse_ids: the id table's gradient holds only the rows of the step (for large catalogs;
+        # the optimiser must take sparse gradients: RetrievalModule picks SparseRowAdamW)
+        self.id_embedding = nn.Embedding(num_items, dim, sparse=sparse_ids) if use_id_embedding else None
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=dim**-0.5)
         self.dropout = nn.Dropout(dropout)
@@ -164,7 +175,7 @@ class ItemTower(nn.Module):
             self.attention_mask = torch.cat([widen(self.attention_mask), widen(attention_mask.to(self.attention_mask.dtype))])
         if self.id_embedding is not None:
             old = self.id_embedding
-            grown = nn.Embedding(first + n, self.dim, device=old.weight.device, dtype=old.weight.dtype)
+            grown = nn.Embedding(first + n, self.dim, device=old.weight.device, dtype=old.weight.dtype, sparse=old.sparse)
             grown.weight.zero_()
             grown.weight[:first] = old.weight
             grown.weight.requires_grad_(old.weight.requires_grad)

@@ -12,6 +12,7 @@ import torch
 from lightning_modules.negative_bank import NegativeBank
 from lightning_modules.ranking_metrics import DEFAULT_KS, RankingAccumulator
 from lightning_modules.sampled_softmax import SampledSoftmaxLoss, full_softmax_loss
+from lightning_modules.sparse_adamw import SparseRowAdamW, clip_grad_norm_, has_sparse_grad
 from lightning_modules.two_tower_model import TwoTowerModel
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,10 @@ class RetrievalModule(pl.LightningModule):
             states = self.model.user_states(items, mask, encoded=encoded)
         users = states[select]
         if stale:
+            if shared:  # fresh encodings score the positives only, as without sharing: a negative
+                # that is also a history item keeps the bank's (no encoder gradient through it)
+                keep = torch.isin(encoded[0], positives)
+                encoded = (encoded[0][keep], encoded[1][keep])
             encoded = bank.merge(encoded)
         if self.sampled_loss is None:
             logits = self.model.score(users, self.model.catalog_vectors_train(encoded=encoded))
@@ -145,7 +150,9 @@ class RetrievalModule(pl.LightningModule):
             {"params": ps, "lr": self.lr * (self.encoder_lr_scale if is_enc else 1.0), "weight_decay": self.weight_decay if decay else 0.0}
             for (is_enc, decay), ps in sorted(groups.items())
         ]
-        optimizer = torch.optim.AdamW(param_groups, lr=self.lr, fused=self._on_cuda() or None)
+        sparse = any(isinstance(m, torch.nn.Embedding) and m.sparse for m in self.modules())
+        adamw = SparseRowAdamW if sparse else torch.optim.AdamW  # a sparse id table: only its step's rows
+        optimizer = adamw(param_groups, lr=self.lr, fused=self._on_cuda() or None)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self.lr_schedule == "cosine" else 0
         warmup = self.warmup_steps
 
@@ -159,3 +166,14 @@ class RetrievalModule(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, or with sparse gradients (a sparse id table) the same L2 norm
+        clipping over their rows: torch's ``clip_grad_norm_`` refuses sparse gradients."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_val and has_sparse_grad(params):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"gradient clipping by {gradient_clip_algorithm!r} does not take sparse gradients (model.item_tower.sparse_ids); use 'norm'")
+            clip_grad_norm_(params, float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -15,6 +15,10 @@ class SampledSoftmaxLoss(nn.Module):
     ``log(M * p_data(j) + S * q(j))`` for M positives drawn from the data distribution
     ``p_data`` (training item frequencies) and S negatives drawn from the proposal ``q``,
     which removes the popularity bias of in-batch negatives.
+
+    Drawing costs no work over the whole catalog per step: the uniform sampler draws indices
+    (into the allowed items when some are excluded); the popularity sampler inverts a cumulative
+    distribution built once (a binary search per draw).
     """
 
     def __init__(
@@ -38,16 +42,37 @@ class SampledSoftmaxLoss(nn.Module):
             raise ValueError(f"SampledSoftmaxLoss: sampler must be 'uniform' or 'popularity', got {sampler!r}")
         if allowed is not None:  # items held out of training (cold start) are never sampled
             proposal = proposal * torch.as_tensor(allowed, dtype=torch.float64)
+        if not proposal.sum() > 0:
+            raise ValueError("SampledSoftmaxLoss: no item may be sampled (every item is excluded by 'allowed')")
+        self.uniform = sampler == "uniform"
+        allowed_idx = torch.nonzero(proposal > 0).squeeze(1)
+        # uniform: the allowed items (an index into them per draw), or None when all are allowed
+        self.register_buffer("allowed_idx", None if allowed_idx.numel() == counts.numel() else allowed_idx, persistent=False)
+        # popularity: the cumulative weights and the last sampleable item, which a draw rounded up
+        # to the total falls back on. Float64 (exact to ~1e-16 of the total), so a plain attribute
+        # that follows the device: a buffer would be cast by half-precision training
+        self.cdf = None if self.uniform else torch.cumsum(proposal, 0)
+        self.last_allowed = int(allowed_idx[-1])
         proposal = proposal / proposal.sum()
         self.register_buffer("data_p", data_p.float(), persistent=False)
         self.register_buffer("proposal", proposal.float(), persistent=False)
+        self.num_items = counts.numel()
         self.num_negatives = num_negatives
         self.logq_correction = logq_correction
         self.label_smoothing = label_smoothing
 
     def sample(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``count`` negatives drawn from the proposal (with replacement)."""
-        return torch.multinomial(self.proposal, count, replacement=True, generator=generator)
+        """``count`` negatives drawn from the proposal (with replacement), on the loss's device."""
+        device = self.proposal.device
+        if self.uniform:
+            if self.allowed_idx is None:
+                return torch.randint(self.num_items, (count,), generator=generator, device=device)
+            return self.allowed_idx[torch.randint(self.allowed_idx.numel(), (count,), generator=generator, device=device)]
+        if self.cdf.device != device:
+            self.cdf = self.cdf.to(device)
+        u = torch.rand(count, generator=generator, device=device, dtype=torch.float64) * self.cdf[-1]
+        # the first item whose cumulative weight exceeds u: item i with probability weight_i / total
+        return torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.last_allowed)
 
     def candidates(self, positives: torch.Tensor, generator: torch.Generator | None = None, sampled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(unique candidate items [C], label of each positive in them [M], log Q of each candidate [C]).

@@ -29,6 +29,9 @@ from jobs.runtime.console import say
 log = logging.getLogger(__name__)
 
 PREPARE_VERSION = 3  # bump when preprocessing (or the synthetic generator) changes what it writes
+# model.item_tower.sparse_ids=auto: a sparse id table from this many items on (below it the dense
+# AdamW step over the table costs little, and small runs keep their exact dense results)
+SPARSE_IDS_MIN_ITEMS = 100_000
 
 
 def data_fingerprint(cfg: DictConfig) -> str:
@@ -73,6 +76,14 @@ def _value(x):
     return x.value if hasattr(x, "value") else x
 
 
+def sparse_ids_of(cfg: DictConfig, num_items: int) -> bool:
+    """``model.item_tower.sparse_ids`` resolved for a catalog of ``num_items`` (DeepSpeed: dense)."""
+    choice = cfg.model.item_tower.sparse_ids
+    if choice == "auto":
+        return num_items >= SPARSE_IDS_MIN_ITEMS and _value(cfg.strategy.name) != "deepspeed"
+    return bool(choice)
+
+
 def build_model(cfg: DictConfig, dm: SequenceDataModule) -> TwoTowerModel:
     """Both towers from ``cfg.model`` for the datamodule's catalog."""
     m, it, ut = cfg.model, cfg.model.item_tower, cfg.model.user_tower
@@ -98,6 +109,7 @@ def build_model(cfg: DictConfig, dm: SequenceDataModule) -> TwoTowerModel:
         chunk_size=it.chunk_size,
         static_width=it.static_width,
         compile_encoder=it.compile,
+        sparse_ids=it.use_id_embedding and sparse_ids_of(cfg, dm.num_items),
     )
     if dm.cold_mask.any():
         item_tower.set_cold_items(torch.as_tensor(dm.cold_mask))
@@ -206,6 +218,7 @@ def build_trainer(cfg: DictConfig, stage: str, run_dir: Path, callbacks: list, *
         log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
         enable_progress_bar=False,  # the console draws its own bar from the run folder (jobs/runtime/console.py)
         num_sanity_val_steps=0,
         default_root_dir=str(run_dir),

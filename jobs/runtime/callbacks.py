@@ -78,6 +78,49 @@ class EpochHistory(Callback):
         self.losses = []
 
 
+class StepTimes(Callback):
+    """Benchmarks: each rank writes <run>/debug/step_times-rank<r>.json: wall-clock (epoch
+    seconds) start and end of every training step with its samples, of every validation epoch
+    and of each of its batches with their users (the catalog's vectors are computed before the
+    first batch), and the process's peak RSS, so steady-state throughput can be told apart from
+    the start-up."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.record: dict = {"fit_start": None, "world_size": 1, "steps": [], "validations": []}
+        self._start = self._epoch_start = 0.0
+        self._batches: list[dict] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.record["fit_start"], self.record["world_size"] = time.time(), trainer.world_size
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.record["steps"].append({"start": self._start, "end": time.time(), "samples": int(batch["items"].shape[0])})
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start, self._batches = time.time(), []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._start = time.time()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batches.append({"start": self._start, "end": time.time(), "users": int(batch["users"].numel())})
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.record["validations"].append({"start": self._epoch_start, "end": time.time(), "batches": self._batches})
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # after the epoch's validation
+        import resource
+
+        self.record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"step_times-rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
+
+
 class TrainingProgress(Callback):
     """Rank 0 keeps <run>/progress.json current (epoch, phase, batch): the console's bar reads it."""
 
@@ -115,6 +158,8 @@ def stage_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
         callbacks.append(LossRecorder(run_dir / "debug"))
     if cfg.debug.record_scores:
         callbacks.append(ScoreRecorder(run_dir / "debug"))
+    if cfg.debug.record_step_times:
+        callbacks.append(StepTimes(run_dir / "debug"))
     return callbacks
 
 

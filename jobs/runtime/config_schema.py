@@ -107,6 +107,10 @@ class ItemTowerConfig:
     # training with a trainable encoder: the histories' items and the scored items go through it
     # in one pass (their union) instead of two; the same loss, other random dropout draws
     shared_encoding: bool = False
+    # the id embedding's gradient and AdamW update only for the rows of each step (a sparse
+    # gradient; lazy Adam moments: lightning_modules/sparse_adamw.py): 'auto' = from
+    # SPARSE_IDS_MIN_ITEMS items on, unless DeepSpeed (dense there); true or false
+    sparse_ids: Any = "auto"
 
 
 @dataclass
@@ -172,6 +176,7 @@ class TrainerConfig:
     monitor: str = "val/ndcg@10"
     check_val_every_n_epoch: int = 1
     limit_train_batches: float = 1.0
+    limit_val_batches: float = 1.0  # a fraction of the validation batches, or a number of them (> 1)
     log_every_n_steps: int = 10
     deterministic: bool = True
     enable_progress_bar: bool = True  # the console's bar of each training stage (on a terminal)
@@ -191,6 +196,7 @@ class DebugConfig:
     fail_rank: int = 1
     record_losses: bool = False  # each rank writes its step losses to <run>/debug/losses-rank<r>.jsonl
     record_scores: bool = False  # rank 0 saves each epoch's first validation batch and its scores
+    record_step_times: bool = False  # each rank writes its step and validation times to <run>/debug/step_times-rank<r>.json
 
 
 class StrategyName(str, Enum):
@@ -487,6 +493,12 @@ def validate(cfg: DictConfig) -> None:
         fail("model.item_tower.unfreeze_top_layers", "must be >= 0")
     if it.chunk_size != "auto" and (isinstance(it.chunk_size, bool) or not isinstance(it.chunk_size, int) or it.chunk_size < 1):
         fail("model.item_tower.chunk_size", f"must be 'auto' or an integer >= 1, got {it.chunk_size!r}")
+    if it.sparse_ids not in ("auto", True, False):
+        fail("model.item_tower.sparse_ids", f"must be 'auto', true or false, got {it.sparse_ids!r}")
+    if it.sparse_ids is True and _value(cfg.strategy.name) == "deepspeed":
+        fail("model.item_tower.sparse_ids", "DeepSpeed does not take sparse gradients: use 'auto' or false (a dense id table) with strategy=deepspeed_*, or strategy=ddp")
+    if it.sparse_ids is True and not it.use_id_embedding:
+        fail("model.item_tower.sparse_ids", "there is no id embedding to make sparse (model.item_tower.use_id_embedding=false)")
     if it.compile and not it.static_width:
         fail("model.item_tower.compile", "torch.compile of the encoder needs model.item_tower.static_width=true (static shapes: one compilation, not one per text width)")
     for stage in ("pretrain", "finetune"):

@@ -44,7 +44,11 @@ def build_strategy(cfg: DictConfig, precision: str):
     on_gpu = cfg.hardware.accelerator == "gpu"
     timeout = timedelta(seconds=cfg.strategy.collective_timeout_s)
     if name == "ddp":
-        return RayDDPStrategy(find_unused_parameters=cfg.strategy.find_unused_parameters, timeout=timeout)
+        # no broadcast of the buffers before every forward: the towers' and the loss's buffers
+        # (token ids and masks of the whole catalog, the cold mask, sampling tables) are constant and
+        # built alike on every rank, and at a million items the broadcast was most of a step
+        # (they are still synced once, when DDP wraps the model)
+        return RayDDPStrategy(find_unused_parameters=cfg.strategy.find_unused_parameters, timeout=timeout, forward_sync_buffers=False)
     if name == "deepspeed":
         config = deepspeed_config(cfg, bf16=precision.startswith("bf16"))
         return RayDeepSpeedStrategy(config=config, timeout=timeout) if on_gpu else CPURayDeepSpeedStrategy(config=config, timeout=timeout)

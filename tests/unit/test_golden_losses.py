@@ -10,7 +10,9 @@ from jobs.runtime.assembly import build_datamodule, build_model, build_module, b
 
 GOLDEN = {
     "pretrain": [4.72074, 4.7967, 4.63489, 4.38414, 4.38491],
-    "finetune": [4.77438, 4.88276, 4.76465, 4.41187, 4.35125],
+    # negatives drawn by index (randint) since issue #13, not torch.multinomial: the same
+    # distribution, other draws
+    "finetune": [4.75323, 4.70651, 4.68134, 4.42030, 4.52540],
 }
 
 

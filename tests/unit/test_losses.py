@@ -66,3 +66,65 @@ def test_items_held_out_of_training_are_never_candidates_nor_in_the_softmax():
     smoothed = full_softmax_loss(logits, torch.tensor([0]), excluded, label_smoothing=0.2)
     assert torch.isclose(smoothed, torch.nn.functional.cross_entropy(reduced, torch.tensor([0]), label_smoothing=0.2))
     assert smoothed > full_softmax_loss(logits, torch.tensor([0]), excluded)
+
+
+def _drawn_frequencies(loss: SampledSoftmaxLoss, draws: int, seed: int) -> torch.Tensor:
+    items = loss.sample(draws, generator=torch.Generator().manual_seed(seed))
+    return torch.bincount(items, minlength=loss.proposal.numel()).double() / draws
+
+
+def test_the_samplers_draw_the_proposal_that_logq_assumes():
+    counts = torch.tensor([50.0, 0, 3, 20, 1, 7, 0, 100, 2, 9])
+    allowed = torch.ones(10, dtype=torch.bool)
+    allowed[[1, 5]] = False
+    draws = 400_000
+    for sampler, alpha in (("uniform", 1.0), ("popularity", 1.0), ("popularity", 0.5)):
+        for mask in (None, allowed):
+            loss = SampledSoftmaxLoss(counts, num_negatives=8, sampler=sampler, popularity_alpha=alpha, allowed=mask)
+            freq = _drawn_frequencies(loss, draws, seed=3)
+            expected = loss.proposal.double()
+            # each frequency within 5 standard errors of its probability (a fixed seed: no flakes)
+            tolerance = 5 * torch.sqrt(expected * (1 - expected) / draws) + 1e-12
+            assert ((freq - expected).abs() <= tolerance).all(), (sampler, alpha, mask, freq, expected)
+            if mask is not None:
+                assert freq[~mask].sum() == 0  # excluded items are never drawn
+            # a chi-square goodness of fit over the allowed items (df <= 9: 99.9% quantile 27.9)
+            keep = expected > 0
+            chi2 = (((freq - expected) ** 2 / expected)[keep]).sum() * draws
+            assert chi2 < 27.9, (sampler, alpha, mask, float(chi2))
+
+
+def test_the_popularity_sampler_inverts_its_cumulative_weights_at_the_edges():
+    loss = SampledSoftmaxLoss(torch.tensor([0.0, 3.0, 0.0]), sampler="popularity", allowed=torch.tensor([True, True, False]))
+    assert loss.cdf.dtype == torch.float64
+    # u = 0 falls on the first item with weight, u rounded up to the total on the last allowed one
+    assert loss.sample(1000, generator=torch.Generator().manual_seed(0)).unique().tolist() == [0, 1]
+    assert loss.last_allowed == 1
+
+
+def test_drawing_negatives_does_no_work_over_the_whole_catalog():
+    """Structure, not timing: every tensor an op makes while drawing has the draws' size (no
+    normalisation, cumulative sum or multinomial over the catalog per call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[tuple[str, int]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops.append((str(func), max((t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)), default=0)))
+            return out
+
+    n = 100_000
+    counts = torch.arange(n, dtype=torch.float64) % 17
+    allowed = torch.rand(n, generator=torch.Generator().manual_seed(0)) > 0.1
+    for sampler in ("uniform", "popularity"):
+        for mask in (None, allowed):
+            loss = SampledSoftmaxLoss(counts, num_negatives=64, sampler=sampler, allowed=mask)
+            with Sizes() as seen:
+                drawn = loss.sample(64)
+            assert drawn.shape == (64,)
+            assert seen.ops and max(size for _, size in seen.ops) <= 64, seen.ops
+            assert not {op.split(".")[1] for op, _ in seen.ops} & {"multinomial", "cumsum", "sum", "div"}, seen.ops

@@ -169,3 +169,15 @@ def test_new_items_are_scored_from_text_and_old_items_unchanged(setup):
         alone.text_proj = tower.text_proj
         assert torch.allclose(after[N:], alone.all_vectors(), atol=1e-5)
     assert tower.id_embedding.weight.shape[0] == N + 3 and tower.id_embedding.weight[N:].abs().sum() == 0
+
+
+def test_the_catalog_is_tokenised_in_chunks_as_in_one_call():
+    from lightning_modules.hf_backbones import load_tokenizer
+    from lightning_modules.item_tower import tokenize_catalog
+
+    tokenizer = load_tokenizer("minilm")
+    texts = ["a b c", "the longest text of them all, with many words", "x", "hello world " * 30] * 5
+    for max_tokens in (8, 24, 100):
+        whole = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
+        ids, mask = tokenize_catalog(tokenizer, texts, max_tokens, chunk=3)
+        assert torch.equal(ids, whole["input_ids"]) and torch.equal(mask, whole["attention_mask"])

@@ -169,12 +169,17 @@ def _assert_same_step(module, reference, seed: int, skip: str | None = None) -> 
 
 def test_bank_refreshed_every_step_scores_like_fresh_encoding():
     fresh, banked = _bank_and_fresh(refresh_steps=1)
+    differed = 0
     for seed in range(3):
         bank_grads, fresh_grads = _assert_same_step(banked, fresh, seed, skip="model.item_tower.encoder.")
-        # the negatives' text carries no encoder gradient: only the positives' and the histories' do
+        # the negatives' text carries no encoder gradient: only the positives' and the histories'
+        # do (visible when some negative is not a positive: 40 items, all 8 may be positives)
+        own = ~torch.isin(banked.negative_bank.items, _batch(seed)["targets"])
         encoder = [n for n in fresh_grads if n.startswith("model.item_tower.encoder.")]
-        assert encoder and not torch.allclose(torch.cat([bank_grads[n].flatten() for n in encoder]), torch.cat([fresh_grads[n].flatten() for n in encoder]))
-    assert banked.negative_bank.refreshes == 3
+        same = torch.allclose(torch.cat([bank_grads[n].flatten() for n in encoder]), torch.cat([fresh_grads[n].flatten() for n in encoder]))
+        assert encoder and same == (not own.any())
+        differed += not same
+    assert differed and banked.negative_bank.refreshes == 3
 
 
 def test_a_bank_is_reused_for_refresh_steps_steps_and_encodes_only_the_positives_in_between():
