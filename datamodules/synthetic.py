@@ -104,36 +104,57 @@ class _Catalog:
         before = np.repeat(cum[self.start] - weight[self.start], self.end - self.start)
         total = np.repeat(cum[self.end - 1] - before[self.start], self.end - self.start)
         self.key = topics + (cum - before) / total
+        self.popularity = popularity
 
     def draw(self, topics: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One item per entry of ``topics``, by popularity within that topic."""
         pos = np.searchsorted(self.key, topics + rng.random(len(topics)), side="right")
         return self.order[np.clip(pos, self.start[topics], self.end[topics] - 1)]
 
+    def draw_uniform(self, topics: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One item per entry of ``topics``, uniformly within that topic (away from the popular head)."""
+        size = self.end[topics] - self.start[topics]
+        return self.order[self.start[topics] + (rng.random(len(topics)) * size).astype(np.int64)]
+
+    def draw_unseen(self, topics: np.ndarray, seen: np.ndarray, rng: np.random.Generator) -> int:
+        """One item of ``topics`` not in ``seen``, by popularity; -1 when every one was seen."""
+        pool = np.concatenate([self.order[self.start[t] : self.end[t]] for t in topics])
+        pool = pool[~np.isin(pool, seen)]
+        if pool.size == 0:
+            return -1
+        return int(rng.choice(pool, p=self.popularity[pool] / self.popularity[pool].sum()))
+
 
 def _walk(catalog: _Catalog, liked: np.ndarray, lengths: np.ndarray, p_follow: float, rng: np.random.Generator, tries: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Every user's sequence, one step for all users at a time: follow the chain from the previous
-    item with ``p_follow``, else (or when that item was seen) draw by popularity from a liked topic;
-    a step whose draws are all seen items is skipped. Returns [users, max_len] items (-1 pads) and
-    each user's count."""
+    item with ``p_follow``, else (or when that item was seen) draw by popularity from a liked topic
+    an item the user has not seen. Draws that hit a seen item are retried (``tries`` times by
+    popularity, then uniformly within the topic, then, for the rare rows left, from the exact pool
+    of unseen items); a user whose liked topics are all seen stops early. Returns [users, max_len]
+    items (-1 pads) and each user's count."""
     num_users, max_len = len(lengths), int(lengths.max())
     history = np.full((num_users, max_len), -1, dtype=np.int64)
     count = np.zeros(num_users, dtype=np.int64)
+    done = np.zeros(num_users, dtype=bool)
     for step in range(max_len):
-        act = np.flatnonzero(lengths > step)
+        act = np.flatnonzero((lengths > step) & ~done)
         seen = history[:, :step][act]
         prev = np.where(count[act] > 0, history[act, np.maximum(count[act] - 1, 0)], -1)
         item = np.where((prev >= 0) & (rng.random(len(act)) < p_follow), catalog.successor[np.maximum(prev, 0)], -1)
         todo = (item < 0) | (seen == item[:, None]).any(axis=1)
-        for _ in range(tries):
+        for draw in [catalog.draw] * tries + [catalog.draw_uniform] * 2 * tries:
             rows = np.flatnonzero(todo)
             if rows.size == 0:
                 break
             topics = liked[act[rows], rng.integers(0, liked.shape[1], size=rows.size)]
-            item[rows] = catalog.draw(topics, rng)
+            item[rows] = draw(topics, rng)
             todo[rows] = (seen[rows] == item[rows, None]).any(axis=1)
-        ok = act[~todo]
-        history[ok, count[ok]] = item[~todo]
+        for r in np.flatnonzero(todo):  # rare: only when most of the liked topics' items were seen
+            item[r] = catalog.draw_unseen(liked[act[r]], seen[r], rng)
+        stuck = item < 0
+        done[act[stuck]] = True
+        ok = act[~stuck]
+        history[ok, count[ok]] = item[~stuck]
         count[ok] += 1
     return history, count
 

@@ -30,8 +30,8 @@ def test_sequences_follow_the_planted_structure():
     seqs = _sequences(raw)
     assert len(seqs) == 2000
     lengths = np.array([len(s) for s in seqs.values()])
-    # a step is skipped only when every draw was a seen item: rare at these sizes
-    assert lengths.max() <= 30 and lengths.min() >= 6 and lengths.mean() > 0.97 * 19
+    # every user gets its drawn length (8..30): the pool of unseen items (100 per user) never runs out
+    assert lengths.max() == 30 and lengths.min() == 8 and abs(lengths.mean() - 19) < 0.5
     assert not inter.duplicated(["user_id", "item_id"]).any()
     assert (inter.groupby("user_id", sort=False)["timestamp"].diff().dropna() > 0).all()
     # each user's items come from at most two topics (topics_per_user=2)
@@ -46,6 +46,13 @@ def test_sequences_follow_the_planted_structure():
     # popularity: the items drawn most often are drawn far more than the median item
     counts = inter["item_id"].value_counts().to_numpy()
     assert counts[:10].mean() > 3 * np.median(counts)
+
+
+def test_a_user_who_has_seen_every_item_of_its_topics_stops_there():
+    raw = generate_synthetic(num_users=300, num_items=24, num_topics=12, min_len=6, max_len=6, topics_per_user=2, seed=0)
+    lengths = raw.interactions.groupby("user_id").size()
+    assert (lengths == 4).all()  # two topics of two items each: four distinct items, then nothing new
+    assert not raw.interactions.duplicated(["user_id", "item_id"]).any()
 
 
 def test_item_text_names_its_topic_words_and_number():
