@@ -125,7 +125,7 @@ def markdown(rows: list[dict], fitted: list[dict], meta: dict) -> str:
     lines += ["", "### Measurements", "", "| stage | step | size | seconds | peak RSS MiB | also |", "|---|---|---|---|---|---|"]
     skip = {"stage", "step", "size", "unit", "seconds", "peak_rss_mb", "growth"}
     for r in rows:
-        if not r.get("growth", True) and r["stage"] == "index":
+        if "setting" in r:
             continue  # the index's settings have their own table
         also = ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in r.items() if k not in skip)
         lines.append(f"| {r['stage']} | {r['step']} | {r['size']:,} {r['unit']} | {_fmt(r['seconds'])} | {r['peak_rss_mb']:,.0f} | {also} |")

@@ -143,7 +143,7 @@ PHASES = {"load": "load", "ray_start": "ray_start", "embed_items": "embed_items_
 
 
 def run_stage(configs: list[tuple[int, int]] | None = None, out_dir: Path = ROOT / "outputs" / "bench_scale", quick: bool = False,
-              paths: tuple[str, ...] = PATHS, big_paths: tuple[str, ...] = ("local", "ray2"), big_users: int = 1_000_000, batch_size: int = 2048) -> list[dict]:
+              paths: tuple[str, ...] = PATHS, big_paths: tuple[str, ...] = ("ray2",), big_users: int = 1_000_000, batch_size: int = 2048) -> list[dict]:
     """Rows of stage ``infer``: for each (users, items) configuration, each path's seconds and users/s.
     Configurations with at least ``big_users`` users run only ``big_paths`` (see the module doc)."""
     configs = configs or (QUICK_CONFIGS if quick else DEFAULT_CONFIGS)
