@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,9 @@ def embed_in_process(cfg: DictConfig, bundle: ModelBundle, users: UserHistories)
     return item_vecs, user_vecs, {"items": t1 - t0, "users": t2 - t1, "items_compute": t1 - t0, "users_compute": t2 - t1}
 
 
+ROWS_PER_GROUP = 1_000_000  # rows per Parquet row group: list offsets stay within int32 (100 M users x top-100 overflow one)
+
+
 def _vector_column(vectors: np.ndarray) -> pa.Array:
     """An [n, d] float32 matrix as a list<float32> column."""
     n, d = vectors.shape
@@ -175,29 +179,42 @@ def _ragged_column(values: np.ndarray, keep: np.ndarray, arrow_type: pa.DataType
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[keep], type=arrow_type))
 
 
+def _write_in_row_groups(path: Path, num_rows: int, table_of: Callable[[slice], pa.Table]) -> None:
+    """Write ``table_of(rows)`` for successive slices of ``ROWS_PER_GROUP`` rows as one file: memory
+    and list offsets bounded by a row group, whatever the number of users or items."""
+    writer = None
+    try:
+        for start in range(0, max(num_rows, 1), ROWS_PER_GROUP):
+            table = table_of(slice(start, min(num_rows, start + ROWS_PER_GROUP)))
+            writer = writer or pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
 def write_outputs(run_dir: Path, bundle: ModelBundle, item_vecs: np.ndarray, user_vecs: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> None:
     """recommendations.parquet, item_embeddings.parquet and user_embeddings.parquet with raw ids."""
-    users = bundle.users.user_ids.astype(str)
-    item_ids = bundle.catalog.item_ids.astype(str)
-    keep = ids >= 0
-    catalog_ids = pa.array(item_ids, type=pa.string())
-    offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
-    pq.write_table(
-        pa.table(
+    users = pa.array(bundle.users.user_ids.astype(str), type=pa.string())
+    catalog_ids = pa.array(bundle.catalog.item_ids.astype(str), type=pa.string())
+
+    def recommendations(rows: slice) -> pa.Table:
+        keep = ids[rows] >= 0
+        offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
+        return pa.table(
             {
-                "user_id": pa.array(users, type=pa.string()),
+                "user_id": users[rows],
                 # ids to strings by one Arrow take, not one Python string per recommendation
-                "item_ids": pa.ListArray.from_arrays(pa.array(offsets), catalog_ids.take(pa.array(ids[keep]))),
-                "scores": _ragged_column(scores.astype(np.float32), keep, pa.float32()),
+                "item_ids": pa.ListArray.from_arrays(pa.array(offsets), catalog_ids.take(pa.array(ids[rows][keep]))),
+                "scores": _ragged_column(scores[rows].astype(np.float32), keep, pa.float32()),
             }
-        ),
-        run_dir / "recommendations.parquet",
-    )
-    pq.write_table(
-        pa.table({"item_id": catalog_ids, "embedding": _vector_column(item_vecs)}),
-        run_dir / "item_embeddings.parquet",
-    )
-    pq.write_table(pa.table({"user_id": pa.array(users, type=pa.string()), "embedding": _vector_column(user_vecs)}), run_dir / "user_embeddings.parquet")
+        )
+
+    _write_in_row_groups(run_dir / "recommendations.parquet", len(users), recommendations)
+    _write_in_row_groups(run_dir / "item_embeddings.parquet", len(catalog_ids),
+                         lambda rows: pa.table({"item_id": catalog_ids[rows], "embedding": _vector_column(item_vecs[rows])}))
+    _write_in_row_groups(run_dir / "user_embeddings.parquet", len(users),
+                         lambda rows: pa.table({"user_id": users[rows], "embedding": _vector_column(user_vecs[rows])}))
 
 
 def index_choice(cfg: DictConfig, num_items: int) -> IndexChoice:
