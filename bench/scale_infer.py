@@ -1,6 +1,6 @@
 """Stage ``infer`` of bench/scale.py: batch inference (jobs.batch_infer) at growing users x items.
 
-    python bench/scale_infer.py                      # 100k x 100k, 100k x 1M, 1M x 1M (about 15 min on 2 cores)
+    python bench/scale_infer.py                      # 100k x 100k, 100k x 1M, 1M x 1M (about 20 min on 2 cores)
     python bench/scale_infer.py --configs 20000x20000 --paths local ray1 ray2
     python bench/scale_infer.py --quick              # a few thousand users and items, under a minute
 
@@ -143,9 +143,10 @@ PHASES = {"load": "load", "ray_start": "ray_start", "embed_items": "embed_items_
 
 
 def run_stage(configs: list[tuple[int, int]] | None = None, out_dir: Path = ROOT / "outputs" / "bench_scale", quick: bool = False,
-              paths: tuple[str, ...] = PATHS, big_paths: tuple[str, ...] = ("ray2",), big_users: int = 1_000_000, batch_size: int = 2048) -> list[dict]:
+              paths: tuple[str, ...] = PATHS, big_paths: tuple[str, ...] = PATHS, big_users: int = 1_000_000, batch_size: int = 2048) -> list[dict]:
     """Rows of stage ``infer``: for each (users, items) configuration, each path's seconds and users/s.
-    Configurations with at least ``big_users`` users run only ``big_paths`` (see the module doc)."""
+    Configurations with at least ``big_users`` users run only ``big_paths`` (all by default; fewer
+    to save time: the search, the longest phase there, is the same on every path)."""
     configs = configs or (QUICK_CONFIGS if quick else DEFAULT_CONFIGS)
     if quick:  # each Ray path starts Ray and two actor pools (15-30 s on 2 busy cores): one of them shows it runs
         paths = tuple(p for p in paths if p != "ray1")
