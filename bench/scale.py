@@ -113,9 +113,10 @@ def _fmt(value: float) -> str:
     return f"{value:,.3g}" if value < 100 else f"{value:,.0f}"
 
 
-def markdown(rows: list[dict], fitted: list[dict], meta: dict) -> str:
-    lines = [f"`{meta['command']}` on {meta['date']}, {meta['cpus']} CPUs, {meta['machine']}; {meta['minutes']:.1f} minutes in all.",
-             f"Raw rows: `{meta['out']}/scale.json`; plots: `{meta['out']}/scale_growth.png`.", "",
+def markdown(rows: list[dict], fitted: list[dict], runs: dict, out: str) -> str:
+    lines = ["| stage | command | date | CPUs | minutes |", "|---|---|---|---|---|"]
+    lines += [f"| {stage} | `{r['command']}` | {r['date']} | {r['cpus']} ({r['machine']}) | {r['minutes']:.1f} |" for stage, r in runs.items()]
+    lines += ["", f"Raw rows: `{out}/scale.json`; plots: `{out}/scale_growth.png`.", "",
              "### Growth", "",
              "| stage | step | sizes | slope of log time | slope of log peak RSS | expected time slope | within |",
              "|---|---|---|---|---|---|---|"]
@@ -148,6 +149,19 @@ def write_section(doc: Path, body: str) -> None:
     doc.write_text(text)
 
 
+def merge(previous: Path, rows: list[dict], runs: dict) -> tuple[list[dict], dict]:
+    """The rows and runs of ``previous`` (a scale.json) for the stages not run now, with this
+    run's: ``--stages index`` refreshes the index rows and keeps the rest, each stage saying
+    which run measured it."""
+    if not previous.is_file():
+        return rows, runs
+    old = json.loads(previous.read_text())
+    kept = [r for r in old["rows"] if r["stage"] not in runs]
+    merged_runs = {stage: r for stage, r in old.get("runs", {}).items() if stage not in runs} | runs
+    order = {stage: i for i, stage in enumerate(STAGES)}
+    return sorted(kept + rows, key=lambda r: order[r["stage"]]), dict(sorted(merged_runs.items(), key=lambda kv: order[kv[0]]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
@@ -159,20 +173,23 @@ def main() -> None:
         parser.error("--quick needs --out (quick figures do not belong in docs/)")
     out = args.out or ROOT / "docs"
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    command = "python bench/scale.py" + (" --stages " + " ".join(args.stages) if args.stages != list(STAGES) else "") + (" --quick" if args.quick else "")
     rows: list[dict] = []
+    runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="scale-", dir=args.work) as work:
         for stage in args.stages:
             say(f"== stage {stage}")
             t0 = time.perf_counter()
             rows += run_stage(stage, Path(work), args.quick)
-            say(f"== stage {stage}: {time.perf_counter() - t0:.0f} s")
+            minutes = (time.perf_counter() - t0) / 60
+            runs[stage] = {"command": command, "date": date.today().isoformat(), "cpus": os.cpu_count(), "machine": platform.machine(), "minutes": minutes}
+            say(f"== stage {stage}: {minutes * 60:.0f} s")
+    if not args.quick:  # a run of some stages keeps the other stages' rows of the last run
+        rows, runs = merge(out / "scale.json", rows, runs)
     fitted = slopes(rows)
-    meta = {"command": "python bench/scale.py" + (" --stages " + " ".join(args.stages) if args.stages != list(STAGES) else "") + (" --quick" if args.quick else ""),
-            "date": date.today().isoformat(), "cpus": os.cpu_count(), "machine": platform.machine(), "out": os.path.relpath(out, ROOT), "minutes": (time.perf_counter() - started) / 60}
-    (out / "scale.json").write_text(json.dumps({"meta": meta, "slopes": fitted, "rows": rows}, indent=1, default=str) + "\n")
+    (out / "scale.json").write_text(json.dumps({"runs": runs, "slopes": fitted, "rows": rows}, indent=1, default=str) + "\n")
     plot(rows, out / "scale_growth.png")
-    body = markdown(rows, fitted, meta)
+    body = markdown(rows, fitted, runs, os.path.relpath(out, ROOT))
     if not args.quick:
         write_section(ROOT / "docs" / "benchmarks.md", body)
     print(body)

@@ -111,7 +111,7 @@ def index_size(n: int, num_queries: int, items_like: "Spectrum", users_like: "Sp
     else:
         settings = [("ivf", {"nlist": int(2 * np.sqrt(n)), "nprobe": p}) for p in (16, 32, 64, 128, 256)]
         settings += [("hnsw", {"hnsw_m": 32, "ef_search": ef}) for ef in (128, 256, 512, 768)]
-        settings += [("ivfpq", {"nlist": int(2 * np.sqrt(n)), "nprobe": p, "refine_factor": 16}) for p in (64, 128, 256)]
+        settings += [("ivfpq", {"nlist": int(2 * np.sqrt(n)), "nprobe": p, "refine_factor": r}) for r in (16, 8) for p in (64, 128, 256)]
     if auto.kind != "flat" and (auto.kind, auto.params) not in settings:
         settings.append((auto.kind, auto.params))
     built: dict = {}

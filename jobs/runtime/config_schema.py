@@ -290,7 +290,7 @@ class IndexConfig:
     hnsw_m: int = 32
     ef_search: int = 128
     pq_m: Optional[int] = None  # ivfpq: sub-quantizers of 4 bits; null: one per 2 dimensions
-    refine_factor: int = 16  # ivfpq: refine_factor x top_k candidates re-ranked exactly
+    refine_factor: int = 8  # ivfpq: refine_factor x top_k candidates re-ranked exactly
 
 
 @dataclass
