@@ -103,8 +103,7 @@ def embed_users(model: TwoTowerModel, items: np.ndarray, lengths: np.ndarray, en
     device = _device(model)
     items_t = torch.tensor(np.asarray(items)[:, :width], dtype=torch.long, device=device)
     mask = (torch.arange(width)[None, :] < lengths_t[:, None]).to(device)
-    states = model.user_states(items_t, mask, encoded=_encoded_on(encoded, device))  # as model.user_vectors, which cannot take ``encoded``
-    return states[torch.arange(len(lengths_t), device=device), lengths_t.to(device) - 1].float().cpu().numpy()
+    return model.user_vectors(items_t, mask, encoded=_encoded_on(encoded, device)).float().cpu().numpy()
 
 
 def _batches(n: int, batch_size: int) -> Iterator[slice]:

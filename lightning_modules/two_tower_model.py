@@ -44,9 +44,9 @@ class TwoTowerModel(nn.Module):
         """User vectors at every position: [B, L, dim]. ``encoded``: see ``ItemTower.forward``."""
         return self._out(self.user_tower(self.item_tower(items, encoded=encoded), mask))
 
-    def user_vectors(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One vector per user, after the last item of the history: [B, dim]."""
-        return self._out(self.user_tower.last(self.item_tower(items), mask))
+    def user_vectors(self, items: torch.Tensor, mask: torch.Tensor, encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One vector per user, after the last item of the history: [B, dim]. ``encoded``: see ``ItemTower.forward``."""
+        return self._out(self.user_tower.last(self.item_tower(items, encoded=encoded), mask))
 
     def item_vectors(self, item_idx: torch.Tensor, encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Vectors of items being scored. ``encoded``: see ``ItemTower.forward``."""
