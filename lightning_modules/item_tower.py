@@ -273,9 +273,18 @@ class ItemTower(nn.Module):
 
     def _maybe_compile(self, device: torch.device) -> None:
         if self.compile_encoder and not self._compiled and device.type != "cpu":
-            self.encoder.compile(dynamic=False)  # in place: the state dict keeps its keys
-            self._compiled = True
-            log.info("item tower: encoder compiled with torch.compile")
+            self.compile_layers(dynamic=False)
+            log.info("item tower: encoder layers compiled with torch.compile")
+
+    def compile_layers(self, **options) -> None:
+        """``torch.compile`` (with ``options``) every encoder layer, in place: the state dict keeps
+        its keys. The layers, not the encoder's forward: with the frozen lower layers cached, the
+        trainable layers are called directly (``_run_layers``), and layers of one shape share one
+        graph (torch passes their parameters as inputs), so compile time does not grow with depth."""
+        assert self.encoder is not None
+        for layer in self.encoder.encoder.layer:
+            layer.compile(**options)
+        self._compiled = True
 
     def _encode_chunk(self, item_idx: torch.Tensor, width: int) -> torch.Tensor:
         ids = self.token_ids[item_idx, :width]

@@ -217,7 +217,35 @@ def test_adamw_is_fused_when_training_on_cuda(device, fused):
 def test_the_encoder_is_never_compiled_on_a_cpu():
     tower = tiny_text_tower(static_width=True, compile_encoder=True)
     tower.encode_text(torch.arange(5))
-    assert not tower._compiled and not hasattr(tower.encoder, "_compiled_call_impl") or tower.encoder._compiled_call_impl is None
+    assert not tower._compiled
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in tower.encoder.modules())
+
+
+@pytest.mark.parametrize("top_layers, checkpointing", [(0, False), (1, True)], ids=["all-layers-train", "top-layer-trains-checkpointed"])
+def test_compiled_layers_score_the_same_with_a_few_graphs_that_steps_do_not_add_to(top_layers, checkpointing):
+    """What compile=true does on a GPU, traced here by dynamo with its eager backend: every path
+    (the encoder's forward, or the trainable layers over the cached frozen ones) runs the compiled
+    layers, with no graph break, and later steps of the same static shapes compile nothing new."""
+    from torch._dynamo.utils import counters
+
+    tower = tiny_text_tower(static_width=True, chunk_size=4, freeze_encoder=top_layers > 0, unfreeze_top_layers=top_layers)
+    if checkpointing:
+        tower.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    items = torch.arange(tower.num_items)
+    expected = tower.eval()(items)
+    torch._dynamo.reset()
+    counters.clear()
+    tower.compile_layers(backend="eager", dynamic=False)
+    torch.testing.assert_close(tower(items), expected)
+    tower.train()
+    graphs = []
+    for step in range(3):
+        tower(torch.randperm(tower.num_items)[:7]).sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert 1 <= graphs[0] <= 3 and graphs == [graphs[0]] * 3
+    assert sum(counters["graph_break"].values()) == 0 and not counters["recompiles"]
+    assert all(layer._compiled_call_impl is not None for layer in tower.encoder.encoder.layer)
+    torch._dynamo.reset()
 
 
 # ---- one encoder pass for the histories and the scored items ----------------------------------
