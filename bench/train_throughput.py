@@ -8,8 +8,9 @@ device's peak; with activation checkpointing the count includes the recomputatio
 ``--profile`` writes a torch.profiler table of the top kernels of two steps (plain loop).
 
 Imports only torch, transformers, pytorch-lightning, pyyaml (and deepspeed for its strategies)
-and the project's lightning_modules (which import nothing else; CPU DeepSpeed smoke runs also
-take jobs/runtime/cpu_deepspeed.py, which imports no Ray or Hydra): it runs on a bare GPU image.
+and the project's lightning_modules (which import nothing else); DeepSpeed runs also take the
+jobs' DeepSpeed JSON (jobs/runtime/deepspeed_json.py) and, on a CPU, jobs/runtime/cpu_deepspeed.py,
+neither of which imports Ray or Hydra: it runs on a bare GPU image.
 Synthetic data: random token ids, random histories of full length.
 
   python bench/train_throughput.py --scale base --strategy deepspeed_stage_2 --activation-checkpointing
@@ -180,15 +181,18 @@ def cpu_deepspeed_strategy(**kwargs):
 def lightning_fit(module: RetrievalModule, loader: DataLoader, args: argparse.Namespace, timing: Timing) -> None:
     on_gpu = args.device == "cuda"
     if args.strategy.startswith("deepspeed"):
+        from jobs.runtime.deepspeed_json import deepspeed_json
+
         stage = 2 if args.strategy == "deepspeed_stage_2" else 3
         offload = args.strategy.endswith("offload")
-        options = dict(stage=stage, offload_optimizer=offload, offload_parameters=offload, logging_batch_size_per_gpu=args.batch_size)
+        # the jobs' DeepSpeed JSON (no gradient clipping: the plain loop does not clip either)
+        config = deepspeed_json(stage, args.batch_size, bf16=on_gpu, offload_optimizer=offload, offload_parameters=offload)
         if on_gpu:
             from pytorch_lightning.strategies import DeepSpeedStrategy
 
-            strategy = DeepSpeedStrategy(**options)
+            strategy = DeepSpeedStrategy(config=config)
         else:
-            strategy = cpu_deepspeed_strategy(**options, process_group_backend="gloo")
+            strategy = cpu_deepspeed_strategy(config=config, process_group_backend="gloo")
     else:
         from pytorch_lightning.strategies import DDPStrategy
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 from ray.train.lightning import RayDDPStrategy, RayDeepSpeedStrategy
 
 from jobs.runtime.cpu_deepspeed import CPUDeepSpeedMixin
-
+from jobs.runtime.deepspeed_json import deepspeed_json
 
 
 class CPURayDeepSpeedStrategy(CPUDeepSpeedMixin, RayDeepSpeedStrategy):
@@ -17,25 +16,9 @@ class CPURayDeepSpeedStrategy(CPUDeepSpeedMixin, RayDeepSpeedStrategy):
 
 
 def deepspeed_config(cfg: DictConfig, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON built from the strategy, data and trainer configs (gradient accumulation
-    comes from the Lightning Trainer's ``accumulate_grad_batches``, as Lightning requires)."""
+    """The DeepSpeed JSON built from the strategy, data and trainer configs."""
     st = cfg.strategy
-    zero: dict[str, Any] = {"stage": st.zero_stage, "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True}
-    if st.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if st.offload_parameters:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    return {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_clipping": cfg.trainer.gradient_clip_val,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        # our AdamW (torch) is used with offload too; DeepSpeedCPUAdam would need a compiled op
-        "zero_force_ds_cpu_optimizer": False,
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    return deepspeed_json(st.zero_stage, cfg.data.batch_size, bf16, st.offload_optimizer, st.offload_parameters, cfg.trainer.gradient_clip_val)
 
 
 def build_strategy(cfg: DictConfig, precision: str):
