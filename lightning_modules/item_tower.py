@@ -279,8 +279,8 @@ class ItemTower(nn.Module):
     def compile_layers(self, **options) -> None:
         """``torch.compile`` (with ``options``) every encoder layer, in place: the state dict keeps
         its keys. The layers, not the encoder's forward: with the frozen lower layers cached, the
-        trainable layers are called directly (``_run_layers``), and layers of one shape share one
-        graph (torch passes their parameters as inputs), so compile time does not grow with depth."""
+        trainable layers are called directly (``_run_layers``), and layers of one shape share their
+        graphs (torch passes their parameters as inputs), so compile time does not grow with depth."""
         assert self.encoder is not None
         for layer in self.encoder.encoder.layer:
             layer.compile(**options)
