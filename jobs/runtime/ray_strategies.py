@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 from omegaconf import DictConfig
 from ray.train.lightning import RayDDPStrategy, RayDeepSpeedStrategy
@@ -13,12 +12,6 @@ from jobs.runtime.deepspeed_json import deepspeed_json
 
 class CPURayDeepSpeedStrategy(CPUDeepSpeedMixin, RayDeepSpeedStrategy):
     """RayDeepSpeedStrategy for CPU workers (DeepSpeed's CPU accelerator, gloo)."""
-
-
-def deepspeed_config(cfg: DictConfig, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON built from the strategy, data and trainer configs."""
-    st = cfg.strategy
-    return deepspeed_json(st.zero_stage, cfg.data.batch_size, bf16, st.offload_optimizer, st.offload_parameters, cfg.trainer.gradient_clip_val)
 
 
 def build_strategy(cfg: DictConfig, precision: str):
@@ -33,6 +26,7 @@ def build_strategy(cfg: DictConfig, precision: str):
         # (they are still synced once, when DDP wraps the model)
         return RayDDPStrategy(find_unused_parameters=cfg.strategy.find_unused_parameters, timeout=timeout, forward_sync_buffers=False)
     if name == "deepspeed":
-        config = deepspeed_config(cfg, bf16=precision.startswith("bf16"))
+        st = cfg.strategy
+        config = deepspeed_json(st.zero_stage, cfg.data.batch_size, precision.startswith("bf16"), st.offload_optimizer, st.offload_parameters, cfg.trainer.gradient_clip_val)
         return RayDeepSpeedStrategy(config=config, timeout=timeout) if on_gpu else CPURayDeepSpeedStrategy(config=config, timeout=timeout)
     raise ValueError(f"strategy.name={name!r} cannot run under Ray (use ddp or deepspeed)")
