@@ -63,8 +63,14 @@ class UpdateScheduler(threading.Thread):
                 raise RuntimeError(f"jobs.update exited with {code}; see {log_path}")
             result = json.loads(result_file.read_text())
             if not result["noop"]:
-                self.service.reload(result["bundle"])
+                # counted before the swap, taken back if the reload fails: a health check that
+                # sees the new model version (read first) sees the update counted
                 stats["updates"] += 1
+                try:
+                    self.service.reload(result["bundle"])
+                except Exception:
+                    stats["updates"] -= 1
+                    raise
                 stats["last_update_seconds"] = float(result.get("seconds", float("nan")))
                 stats["last_start_to_serving_seconds"] = time.perf_counter() - start
                 log.info("update: serving model version %d from %s", self.service.model.version, result["bundle"])
