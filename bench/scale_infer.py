@@ -7,7 +7,7 @@
 For each configuration (users x items) it writes a model bundle once (synthetic data from
 ``datamodules.synthetic.generate_synthetic`` + ``datamodules.preprocess.prepare``, and the tiny
 two-tower model of conf/model/tiny.yaml with fresh, UNTRAINED weights: the cost of inference does
-not depend on what the weights are), then runs ``jobs.runtime.batch_inference.batch_infer`` on
+not depend on what the weights are), then runs ``jobs.runtime.stages.batch_inference.batch_infer`` on
 it, top-100, ``infer.index.kind=auto``, once per path: in this process (``infer.use_ray=false``)
 and on Ray Data with 1 and 2 actors, each in a fresh process. A row gives the users/s of the
 whole job (load, embed, index, search, write) and its seconds per phase. Peak RSS is the
@@ -112,7 +112,7 @@ def infer_config(root: Path, path: str, batch_size: int):
     """The batch_infer config of one path: ``local`` (in process), ``ray1`` / ``ray2`` (Ray Data actors)."""
     from hydra import compose, initialize_config_dir
 
-    from jobs.runtime.config_schema import register
+    from jobs.runtime.config.schema import register
 
     register()
     ray = [f"infer.use_ray={path != 'local'}", f"infer.num_actors={path[3:] if path != 'local' else 1}", "cluster.include_dashboard=false"]
@@ -129,7 +129,7 @@ def measure(bundle: Path, path: str, run_dir: Path, batch_size: int) -> dict[str
     os.environ.setdefault("RAY_DASHBOARD_ENABLED", "0")
     os.environ.setdefault("WANDB_MODE", "disabled")
     logging.basicConfig(level=logging.WARNING)
-    from jobs.runtime.batch_inference import batch_infer, index_choice
+    from jobs.runtime.stages.batch_inference import batch_infer, index_choice
 
     cfg = infer_config(run_dir, path, batch_size)
     run_dir.mkdir(parents=True, exist_ok=True)

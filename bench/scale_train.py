@@ -7,7 +7,7 @@
 The measured path is the job's: ``jobs.finetune``'s config (experiment=tiny: a 2-layer BERT item
 tower, frozen so every item's text encoding is computed once and cached, plus an id embedding;
 a 2-layer GPT-2 user tower) composed with overrides, launched by the same Ray Train functions
-(jobs/runtime/ray_fit.py: ``torch_trainer`` in a ``ray_session``; ddp on CPU workers), with the
+(jobs/runtime/training/ray_fit.py: ``torch_trainer`` in a ``ray_session``; ddp on CPU workers), with the
 run's ``debug.record_step_times`` callback timing each step. Only the model-bundle export that
 ``ray_fit`` does after training is left out: it is not training.
 
@@ -71,7 +71,7 @@ def overrides(items: int, users: int, workers: int, steps: int, warmup: int, val
 def compose(args: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from jobs.runtime.config_schema import register
+    from jobs.runtime.config.schema import register
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -86,8 +86,8 @@ def fine_tune(runs: list[list[str]]) -> list[dict]:
 
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("RAY_DASHBOARD_ENABLED", "0")
-    from jobs.runtime.config_schema import validate
-    from jobs.runtime.ray_cluster import ray_session, shared_folders, train_needs
+    from jobs.runtime.config.schema import validate
+    from jobs.runtime.config.ray_cluster import ray_session, shared_folders, train_needs
 
     cfgs = [compose(args) for args in runs]
     for cfg in cfgs:
@@ -98,17 +98,17 @@ def fine_tune(runs: list[list[str]]) -> list[dict]:
 
 
 def storage_of(cfg) -> str:
-    from jobs.runtime.ray_fit import storage_of as job_storage
+    from jobs.runtime.training.ray_fit import storage_of as job_storage
 
     return job_storage(cfg)
 
 
 def fine_tune_once(cfg) -> dict:
-    from jobs.runtime.assembly import prepare_data
-    from jobs.runtime.ray_fit import run_name_of, torch_trainer
-    from jobs.runtime.run_folder import create_run_folder
+    from jobs.runtime.config.assembly import prepare_data
+    from jobs.runtime.training.ray_fit import run_name_of, torch_trainer
+    from jobs.runtime.config.run_folder import create_run_folder
 
-    # a run of the same name would resume from its checkpoint (jobs/runtime/ray_fit.py): start afresh
+    # a run of the same name would resume from its checkpoint (jobs/runtime/training/ray_fit.py): start afresh
     name = run_name_of(cfg, Path(cfg.paths.output_dir))
     shutil.rmtree(Path(storage_of(cfg)) / name, ignore_errors=True)
     shutil.rmtree(cfg.paths.output_dir, ignore_errors=True)

@@ -9,7 +9,7 @@ device's peak; with activation checkpointing the count includes the recomputatio
 
 Imports only torch, transformers, pytorch-lightning, pyyaml (and deepspeed for its strategies)
 and the project's lightning_modules (which import nothing else); DeepSpeed runs also take the
-jobs' DeepSpeed JSON (jobs/runtime/deepspeed_json.py) and, on a CPU, jobs/runtime/cpu_deepspeed.py,
+jobs' DeepSpeed JSON (jobs/runtime/training/deepspeed_json.py) and, on a CPU, jobs/runtime/training/cpu_deepspeed.py,
 neither of which imports Ray or Hydra: it runs on a bare GPU image.
 Synthetic data: random token ids, random histories of full length.
 
@@ -170,7 +170,7 @@ def cpu_deepspeed_strategy(**kwargs):
     """Lightning's DeepSpeedStrategy on a CPU (smoke runs): the overrides Ray's CPU workers use."""
     from pytorch_lightning.strategies import DeepSpeedStrategy
 
-    from jobs.runtime.cpu_deepspeed import CPUDeepSpeedMixin
+    from jobs.runtime.training.cpu_deepspeed import CPUDeepSpeedMixin
 
     class CPUDeepSpeedStrategy(CPUDeepSpeedMixin, DeepSpeedStrategy):
         pass
@@ -181,7 +181,7 @@ def cpu_deepspeed_strategy(**kwargs):
 def lightning_fit(module: RetrievalModule, loader: DataLoader, args: argparse.Namespace, timing: Timing) -> None:
     on_gpu = args.device == "cuda"
     if args.strategy.startswith("deepspeed"):
-        from jobs.runtime.deepspeed_json import deepspeed_json
+        from jobs.runtime.training.deepspeed_json import deepspeed_json
 
         stage = 2 if args.strategy == "deepspeed_stage_2" else 3
         offload = args.strategy.endswith("offload")

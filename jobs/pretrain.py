@@ -1,9 +1,9 @@
 """``python -m jobs.pretrain experiment=...``: next-item pretraining of both towers (optional MLM on
-item text); writes the run's model bundle (jobs/runtime/stage_job.py)."""
+item text); writes the run's model bundle (jobs/runtime/training/stage_job.py)."""
 from functools import partial
 
-from jobs.runtime.entry_point import hydra_main
-from jobs.runtime.stage_job import run_stage_job
+from jobs.runtime.config.entry_point import hydra_main
+from jobs.runtime.training.stage_job import run_stage_job
 
 run = partial(run_stage_job, stage="pretrain")
 main = hydra_main("pretrain", run)

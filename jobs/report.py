@@ -1,8 +1,8 @@
 """``python -m jobs.report <run, pipeline or sweep folder>``: one HTML page of plots and tables,
-``<folder>/report/index.html`` (jobs/runtime/report_page.py)."""
+``<folder>/report/index.html`` (jobs/runtime/tracking/report_page.py)."""
 import argparse
 
-from jobs.runtime.report_page import write_report
+from jobs.runtime.tracking.report_page import write_report
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -88,7 +88,7 @@ class ItemTower(nn.Module):
         sparse_ids: bool = False,
     ):
         super().__init__()
-        # config values are checked once, by the config schema (jobs/runtime/config_schema.py);
+        # config values are checked once, by the config schema (jobs/runtime/config/schema.py);
         # here only what needs the built encoder or the tensors
         if encoder is None and not use_id_embedding:
             raise ValueError("ItemTower: without a text encoder the id embedding is the only input (use_id_embedding=True)")

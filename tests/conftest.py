@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from jobs.runtime.config_schema import register
+from jobs.runtime.config.schema import register
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("RAY_DASHBOARD_ENABLED", "0")

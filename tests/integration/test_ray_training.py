@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inference.bundle import load_bundle
-from jobs.runtime.stage_job import run_stage_job
+from jobs.runtime.training.stage_job import run_stage_job
 
 RAY = ["launcher=ray", "cluster.num_cpus=4", "logger=none", "strategy.collective_timeout_s=120"]
 

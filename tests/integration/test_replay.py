@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from jobs.runtime.replay_job import run_replay
+from jobs.runtime.stages.replay import run_replay
 from tests.conftest import TINY, compose_config
 
 

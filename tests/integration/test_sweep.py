@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from jobs.runtime.report_page import write_report
-from jobs.runtime.wandb_offline import logged
+from jobs.runtime.tracking.report_page import write_report
+from jobs.runtime.tracking.wandb_offline import logged
 from tests.conftest import CONF, ROOT, TINY, compose_config
 
 SWEEP = [

@@ -17,7 +17,7 @@ import torch
 
 from inference.bundle import read_manifest, read_weights
 from jobs import pipeline
-from jobs.runtime.update_job import run_update
+from jobs.runtime.stages.update import run_update
 from serving.recommender import Recommender
 from tests.conftest import ROOT, TINY, compose_config
 from tests.integration.test_serve import Server

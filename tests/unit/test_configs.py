@@ -13,8 +13,8 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
-from jobs.runtime.assembly import build_model, build_module
-from jobs.runtime.config_schema import validate
+from jobs.runtime.config.assembly import build_model, build_module
+from jobs.runtime.config.schema import validate
 from tests.conftest import CONF, compose_config
 
 def full_message(err: pytest.ExceptionInfo) -> str:
@@ -164,7 +164,7 @@ def test_output_dir_is_per_job_and_time(tmp_path):
 
 
 def test_a_missing_run_reference_fails_on_the_driver_before_ray_starts(tmp_path):
-    from jobs.runtime.stage_job import run_stage_job
+    from jobs.runtime.training.stage_job import run_stage_job
 
     cfg = compose_config("finetune", ["experiment=tiny", "launcher=ray", "logger=none", "init_from=latest"], tmp_path)
     with pytest.raises(FileNotFoundError, match="no finished 'pretrain' run of experiment 'tiny'"):

@@ -131,7 +131,7 @@ def test_autos_approximate_setting_keeps_recall_at_100_on_structured_vectors():
 
 
 def test_batch_inference_takes_the_index_from_the_config(tmp_path):
-    from jobs.runtime.batch_inference import index_choice
+    from jobs.runtime.stages.batch_inference import index_choice
     from tests.conftest import compose_config
 
     cfg = compose_config("batch_infer", ["experiment=tiny"], tmp_path)

@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import pytest
 from pytorch_lightning.callbacks import Callback
 
-from jobs.runtime.assembly import build_datamodule, build_model, build_module, build_trainer
+from jobs.runtime.config.assembly import build_datamodule, build_model, build_module, build_trainer
 
 GOLDEN = {
     "pretrain": [4.90358, 4.5788, 4.60006, 4.37651, 4.34072],

@@ -3,7 +3,8 @@
 Every import in every module (at the top or inside a function) is an edge. Allowed:
 ``jobs`` (entry points) -> ``jobs.runtime`` -> ``serving`` -> ``inference`` -> ``lightning_modules``,
 and ``jobs.runtime`` -> ``datamodules``; each layer may also import itself and anything further
-down that chain. Entry points never import each other.
+down that chain. Entry points never import each other. Inside ``jobs.runtime`` the groups run one
+way too: ``stages`` -> ``training`` -> ``config`` -> ``tracking``, and ``service`` -> ``config``.
 """
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ ALLOWED = {
     "inference": {"lightning_modules"},
     "lightning_modules": set(),
     "datamodules": set(),
+}
+
+# what each group of jobs/runtime/ may import, besides itself
+RUNTIME_GROUPS = {
+    "tracking": set(),
+    "config": {"tracking"},
+    "training": {"config", "tracking"},
+    "stages": {"training", "config", "tracking"},
+    "service": {"config", "tracking"},
 }
 
 
@@ -78,6 +88,30 @@ def back_edges(edges: dict[str, set[str]]) -> list[str]:
     return sorted(bad)
 
 
+def group_of(module: str) -> str | None:
+    """``jobs.runtime.<group>.<module>`` -> ``<group>``; None outside jobs/runtime/."""
+    parts = module.split(".")
+    return parts[2] if parts[:2] == ["jobs", "runtime"] and len(parts) > 2 else None
+
+
+def runtime_back_edges(edges: dict[str, set[str]]) -> list[str]:
+    """Imports between groups of jobs/runtime/ that RUNTIME_GROUPS does not allow (an unknown
+    group is reported too: each new group takes its place in the rule)."""
+    bad = []
+    for src, targets in edges.items():
+        a = group_of(src)
+        if a is None:
+            continue
+        if a not in RUNTIME_GROUPS:
+            bad.append(f"{src}: group {a!r} is not in RUNTIME_GROUPS")
+            continue
+        for dst in targets:
+            b = group_of(dst)
+            if b is not None and b != a and b not in RUNTIME_GROUPS[a]:
+                bad.append(f"{src} -> {dst}")
+    return sorted(bad)
+
+
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     """Every cycle found by depth-first search (each reported once, from where it was entered)."""
     found, state = [], {}
@@ -99,8 +133,20 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_imports_run_one_way():
     edges = graph(ROOT)
-    assert "jobs.runtime.config_schema" in edges and "inference.bundle" in edges  # the walk sees the tree
+    assert "jobs.runtime.config.schema" in edges and "inference.bundle" in edges  # the walk sees the tree
     assert back_edges(edges) == []
+
+
+def test_runtime_groups_import_one_way():
+    edges = graph(ROOT)
+    assert {group_of(m) for m in edges} >= set(RUNTIME_GROUPS)  # the walk sees every group
+    assert runtime_back_edges(edges) == []
+
+
+def test_runtime_has_no_flat_modules():
+    """jobs/runtime/ holds subpackages only: a module dropped at its top level has no group."""
+    flat = sorted(p.name for p in (ROOT / "jobs" / "runtime").glob("*.py") if p.name != "__init__.py")
+    assert flat == []
 
 
 def test_there_is_no_import_cycle():
@@ -126,6 +172,9 @@ def test_entry_points_are_thin():
         ({"datamodules/a.py": "from lightning_modules.b import f", "lightning_modules/b.py": "def f(): pass"}, "back"),
         ({"jobs/a.py": "from jobs import b", "jobs/b.py": ""}, "back"),
         ({"inference/a.py": "def f():\n    import inference.b", "inference/b.py": "from inference import a"}, "cycle"),
+        ({"jobs/runtime/config/a.py": "from jobs.runtime.training import b", "jobs/runtime/training/b.py": ""}, "runtime"),
+        ({"jobs/runtime/service/a.py": "import jobs.runtime.stages.b", "jobs/runtime/stages/b.py": ""}, "runtime"),
+        ({"jobs/runtime/misc/a.py": "", "jobs/runtime/config/b.py": ""}, "runtime"),
     ],
 )
 def test_the_checks_catch_a_bad_tree(files, problem, tmp_path):
@@ -133,7 +182,10 @@ def test_the_checks_catch_a_bad_tree(files, problem, tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text + "\n")
     edges = graph(tmp_path)
-    if problem == "back":
+    if problem == "runtime":
+        assert runtime_back_edges(edges), edges
+        assert back_edges(edges) == []  # the layer rule alone would let it through
+    elif problem == "back":
         assert back_edges(edges), edges
     else:
         assert cycles(edges), edges

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.runtime import batch_inference
+from jobs.runtime.stages import batch_inference
 
 
 @pytest.mark.parametrize("rows_per_group", [1_000_000, 3])

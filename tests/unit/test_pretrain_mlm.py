@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import pytest
 import torch
 
-from jobs.runtime.assembly import build_datamodule, build_model, build_module
+from jobs.runtime.config.assembly import build_datamodule, build_model, build_module
 from lightning_modules.pretrain_module import mask_tokens
 
 
@@ -42,7 +42,7 @@ def test_mlm_adds_a_loss_that_trains_the_encoder(tiny_cfg, tmp_path):
 
 
 def test_mlm_needs_a_trainable_encoder(tiny_cfg):
-    from jobs.runtime.config_schema import validate
+    from jobs.runtime.config.schema import validate
 
     cfg = tiny_cfg("pretrain", "pretrain.mlm_weight=0.5", "model.item_tower.freeze_encoder=true")
     with pytest.raises(ValueError, match="pretrain.mlm_weight"):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.runtime import ray_cluster
-from jobs.runtime.config_schema import ConfigError, validate
-from jobs.runtime.ray_cluster import Needs, PlacementError, check_placement, fits_on, infer_needs, train_needs
+from jobs.runtime.config import ray_cluster
+from jobs.runtime.config.schema import ConfigError, validate
+from jobs.runtime.config.ray_cluster import Needs, PlacementError, check_placement, fits_on, infer_needs, train_needs
 from tests.conftest import compose_config
 
 

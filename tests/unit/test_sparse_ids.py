@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from jobs.runtime.assembly import SPARSE_IDS_MIN_ITEMS, sparse_ids_of
+from jobs.runtime.config.assembly import SPARSE_IDS_MIN_ITEMS, sparse_ids_of
 from lightning_modules.sparse_adamw import SparseRowAdamW, clip_grad_norm_
 
 
@@ -100,7 +100,7 @@ def test_a_sparse_id_table_trains_through_the_lightning_module(tiny_cfg, tmp_pat
     """One seeded fine-tuning epoch with the id table sparse: the module picks SparseRowAdamW,
     clips the sparse gradient, and the losses match the dense table's while every row used
     is used in every step (the first step), then stay close."""
-    from jobs.runtime.assembly import build_datamodule, build_model, build_module, build_trainer
+    from jobs.runtime.config.assembly import build_datamodule, build_model, build_module, build_trainer
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import Callback
 
@@ -132,7 +132,7 @@ def test_a_sparse_id_table_trains_through_the_lightning_module(tiny_cfg, tmp_pat
 def test_ray_ddp_does_not_broadcast_the_catalog_buffers_every_step(tiny_cfg):
     """The towers' buffers (the catalog's token ids and masks, sampling tables) are constant and
     alike on every rank: broadcasting them before every forward cost most of a step at 1 M items."""
-    from jobs.runtime.ray_strategies import build_strategy
+    from jobs.runtime.training.ray_strategies import build_strategy
 
     strategy = build_strategy(tiny_cfg("finetune", "launcher=ray", "strategy=ddp"), "32-true")
     assert strategy._ddp_kwargs["forward_sync_buffers"] is False

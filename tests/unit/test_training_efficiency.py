@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from jobs.runtime.assembly import build_datamodule, build_model, build_module
+from jobs.runtime.config.assembly import build_datamodule, build_model, build_module
 from lightning_modules.hf_backbones import build_bert_encoder, build_gpt2
 from lightning_modules.item_tower import ItemTower, activation_bytes_per_item, auto_chunk_size
 from lightning_modules.negative_bank import NegativeBank

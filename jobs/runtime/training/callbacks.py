@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback
 
-from jobs.runtime.console import write_progress
+from jobs.runtime.tracking.console import write_progress
 
 log = logging.getLogger(__name__)
 

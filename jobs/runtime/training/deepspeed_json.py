@@ -1,5 +1,5 @@
 """The DeepSpeed JSON our jobs train with, from plain values: Ray Train's workers
-(jobs/runtime/ray_strategies.py) and bench/train_throughput.py build it here, so the bench
+(jobs/runtime/training/ray_strategies.py) and bench/train_throughput.py build it here, so the bench
 measures the jobs' DeepSpeed. Imports neither Ray nor Hydra (it runs on a bare GPU image)."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """One training stage (pretrain or finetune) in this process (``launcher=local``), and the
-seeded build of a stage that every Ray Train worker runs too (jobs/runtime/ray_fit.py)."""
+seeded build of a stage that every Ray Train worker runs too (jobs/runtime/training/ray_fit.py)."""
 from __future__ import annotations
 
 import logging
@@ -13,10 +13,10 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from datamodules.sequence_datamodule import SequenceDataModule
 from inference.bundle import read_weights
-from jobs.runtime.assembly import build_datamodule, build_model, build_module, build_trainer, finish_wandb
-from jobs.runtime.bundle_export import export_bundle
-from jobs.runtime.callbacks import stage_callbacks
-from jobs.runtime.checkpoints import model_state_from_lightning
+from jobs.runtime.config.assembly import build_datamodule, build_model, build_module, build_trainer, finish_wandb
+from jobs.runtime.training.bundle_export import export_bundle
+from jobs.runtime.training.callbacks import stage_callbacks
+from jobs.runtime.training.checkpoints import model_state_from_lightning
 from lightning_modules.retrieval_module import RetrievalModule
 
 log = logging.getLogger(__name__)

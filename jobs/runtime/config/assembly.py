@@ -24,7 +24,7 @@ from lightning_modules.sampled_softmax import SampledSoftmaxLoss
 from lightning_modules.two_tower_model import TwoTowerModel
 from lightning_modules.two_tower_module import TwoTowerModule
 from lightning_modules.user_tower import UserTower
-from jobs.runtime.console import say
+from jobs.runtime.tracking.console import say
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def build_trainer(cfg: DictConfig, stage: str, run_dir: Path, callbacks: list, *
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
-        enable_progress_bar=False,  # the console draws its own bar from the run folder (jobs/runtime/console.py)
+        enable_progress_bar=False,  # the console draws its own bar from the run folder (jobs/runtime/tracking/console.py)
         num_sanity_val_steps=0,
         default_root_dir=str(run_dir),
         logger=build_loggers(cfg, run_dir) or False,

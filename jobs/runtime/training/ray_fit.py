@@ -10,12 +10,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
-from jobs.runtime.assembly import build_datamodule, build_model, build_trainer, finish_wandb, precision_of
-from jobs.runtime.bundle_export import export_bundle
-from jobs.runtime.callbacks import EpochReport, stage_callbacks
-from jobs.runtime.checkpoints import model_state_from_lightning, restore_config
-from jobs.runtime.local_fit import build_stage
-from jobs.runtime.ray_cluster import ray_session, shared_folders, train_needs
+from jobs.runtime.config.assembly import build_datamodule, build_model, build_trainer, finish_wandb, precision_of
+from jobs.runtime.training.bundle_export import export_bundle
+from jobs.runtime.training.callbacks import EpochReport, stage_callbacks
+from jobs.runtime.training.checkpoints import model_state_from_lightning, restore_config
+from jobs.runtime.training.local_fit import build_stage
+from jobs.runtime.config.ray_cluster import ray_session, shared_folders, train_needs
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train.lightning import RayLightningEnvironment, prepare_trainer
 
-    from jobs.runtime.ray_strategies import build_strategy
+    from jobs.runtime.training.ray_strategies import build_strategy
 
     cfg = restore_config(config["cfg"])
     stage, run_dir = config["stage"], Path(config["run_dir"])
@@ -70,7 +70,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
     """A copy of ``cfg`` with dotted keys set (type-checked by the schema) and validated."""
-    from jobs.runtime.config_schema import validate
+    from jobs.runtime.config.schema import validate
 
     cfg = cfg.copy()
     for key, value in overrides.items():

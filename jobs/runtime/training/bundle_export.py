@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.sequence_datamodule import SequenceDataModule
 from inference.bundle import Catalog, UserTable, save_bundle
-from jobs.runtime.run_folder import BUNDLE_DIR
+from jobs.runtime.config.run_folder import BUNDLE_DIR
 from lightning_modules.hf_backbones import load_tokenizer
 from lightning_modules.two_tower_model import TwoTowerModel
 

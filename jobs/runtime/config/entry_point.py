@@ -11,12 +11,12 @@ import hydra
 from omegaconf import DictConfig
 
 from inference.bundle import BundleError
-from jobs.runtime.config_schema import ConfigError, register
-from jobs.runtime.console import setup_console, strip_verbose_flag
-from jobs.runtime.ray_cluster import PlacementError
-from jobs.runtime.run_folder import pin_hydra_output_dir
+from jobs.runtime.config.schema import ConfigError, register
+from jobs.runtime.tracking.console import setup_console, strip_verbose_flag
+from jobs.runtime.config.ray_cluster import PlacementError
+from jobs.runtime.config.run_folder import pin_hydra_output_dir
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 
 def hydra_main(config_name: str, run: Callable[[DictConfig], dict[str, float]]) -> Callable[[], None]:

@@ -30,11 +30,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from datamodules.parquet_dataset import write_raw_parquet
-from jobs.runtime.config_schema import validate
-from jobs.runtime.console import say
-from jobs.runtime.pipeline_stages import run_pipeline
-from jobs.runtime.run_folder import create_run_folder, run_log_file, write_metrics
-from jobs.runtime.update_job import run_update
+from jobs.runtime.config.schema import validate
+from jobs.runtime.tracking.console import say
+from jobs.runtime.stages.pipeline import run_pipeline
+from jobs.runtime.config.run_folder import create_run_folder, run_log_file, write_metrics
+from jobs.runtime.stages.update import run_update
 from serving.recommender import Recommender, ServiceError
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from inference.bundle import MANIFEST, bundle_folder
-from jobs.runtime.config_schema import ConfigError
-from jobs.runtime.console import capture_output, is_quiet
+from jobs.runtime.config.schema import ConfigError
+from jobs.runtime.tracking.console import capture_output, is_quiet
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def write_metrics(run_dir: Path, metrics: dict[str, float]) -> Path:
 @contextmanager
 def run_log_file(run_dir: Path) -> Iterator[Path]:
     """Copy everything logged while the job runs into ``<run_dir>/run.log``; on a quiet console
-    (jobs/runtime/console.py) everything printed goes there too instead of to the terminal."""
+    (jobs/runtime/tracking/console.py) everything printed goes there too instead of to the terminal."""
     path = Path(run_dir) / "run.log"
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from jobs.runtime.console import say
+from jobs.runtime.tracking.console import say
 
 log = logging.getLogger(__name__)
 

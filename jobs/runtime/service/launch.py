@@ -9,9 +9,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from jobs.runtime.config_schema import ConfigError, validate
-from jobs.runtime.console import say
-from jobs.runtime.run_folder import create_run_folder, resolve_bundle, run_log_file
+from jobs.runtime.config.schema import ConfigError, validate
+from jobs.runtime.tracking.console import say
+from jobs.runtime.config.run_folder import create_run_folder, resolve_bundle, run_log_file
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def run_serve(cfg: DictConfig) -> dict[str, float]:
         if cfg.serve.torch_threads:
             torch.set_num_threads(cfg.serve.torch_threads)
         if backend == "ray":
-            from jobs.runtime.ray_serve import serve_on_ray
+            from jobs.runtime.service.ray_serve import serve_on_ray
 
             serve_on_ray(cfg, options, token)
             return {}
@@ -80,7 +80,7 @@ def run_serve(cfg: DictConfig) -> dict[str, float]:
         service = Recommender(**options)
         scheduler = None
         if cfg.serve["update"].every_events or cfg.serve["update"].every_seconds:
-            from jobs.runtime.update_schedule import UpdateScheduler
+            from jobs.runtime.service.update_schedule import UpdateScheduler
 
             scheduler = UpdateScheduler(service, cfg, options["state_dir"], run_dir)
             scheduler.start()

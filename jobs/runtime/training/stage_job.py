@@ -6,10 +6,10 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from jobs.runtime.config_schema import validate
-from jobs.runtime.console import StageProgress, say
-from jobs.runtime.run_folder import BUNDLE_DIR, create_run_folder, resolve_bundle, run_log_file, write_metrics
-from jobs.runtime.tracking import log_job_result
+from jobs.runtime.config.schema import validate
+from jobs.runtime.tracking.console import StageProgress, say
+from jobs.runtime.config.run_folder import BUNDLE_DIR, create_run_folder, resolve_bundle, run_log_file, write_metrics
+from jobs.runtime.tracking.wandb_runs import log_job_result
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +36,18 @@ def run_stage_job(cfg: DictConfig, stage: str) -> dict[str, float]:
         launcher = cfg.launcher.value if hasattr(cfg.launcher, "value") else cfg.launcher
         where = "in this process" if launcher == "local" else f"on Ray Train ({cfg.hardware.num_workers} worker(s), {cfg.strategy.name.value if hasattr(cfg.strategy.name, 'value') else cfg.strategy.name})"
         if launcher != "local":  # once, here, rather than by every worker at once
-            from jobs.runtime.assembly import prepare_data
+            from jobs.runtime.config.assembly import prepare_data
 
             prepare_data(cfg)
         say("%s: training %s; logs in %s", stage, where, run_dir / "run.log")
         monitor = cfg.trainer.monitor
         with StageProgress(run_dir, stage, cfg[stage].max_epochs, monitor, cfg.trainer.enable_progress_bar):
             if launcher == "local":
-                from jobs.runtime.local_fit import local_fit
+                from jobs.runtime.training.local_fit import local_fit
 
                 metrics = local_fit(cfg, stage, run_dir)
             else:
-                from jobs.runtime.ray_fit import ray_fit
+                from jobs.runtime.training.ray_fit import ray_fit
 
                 metrics = ray_fit(cfg, stage, run_dir)
         say("%s: best %s %.4f at epoch %d of %d (%.0f s)", stage, monitor, metrics.get(monitor, float("nan")), metrics["train/best_epoch"], metrics["train/epochs"], metrics["train/seconds"])

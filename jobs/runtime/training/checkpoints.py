@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from jobs.runtime.config_schema import JobConfig
+from jobs.runtime.config.schema import JobConfig
 
 
 def restore_config(plain: dict) -> DictConfig:

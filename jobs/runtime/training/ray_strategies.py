@@ -6,8 +6,8 @@ from datetime import timedelta
 from omegaconf import DictConfig
 from ray.train.lightning import RayDDPStrategy, RayDeepSpeedStrategy
 
-from jobs.runtime.cpu_deepspeed import CPUDeepSpeedMixin
-from jobs.runtime.deepspeed_json import deepspeed_json
+from jobs.runtime.training.cpu_deepspeed import CPUDeepSpeedMixin
+from jobs.runtime.training.deepspeed_json import deepspeed_json
 
 
 class CPURayDeepSpeedStrategy(CPUDeepSpeedMixin, RayDeepSpeedStrategy):

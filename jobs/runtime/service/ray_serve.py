@@ -11,8 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from jobs.runtime.console import say
-from jobs.runtime.ray_cluster import ray_session
+from jobs.runtime.tracking.console import say
+from jobs.runtime.config.ray_cluster import ray_session
 
 log = logging.getLogger(__name__)
 
