@@ -12,7 +12,8 @@ import multiprocessing as mp
 import resource
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def peak_rss_mb() -> float:

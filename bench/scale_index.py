@@ -44,7 +44,7 @@ def newest_ml100k_run() -> Path | None:
     return runs[-1] if runs else None
 
 
-def spectra(like: Path | None, dim: int = 64, seed: int = 0) -> tuple["Spectrum", "Spectrum", str]:
+def spectra(like: Path | None, dim: int = 64, seed: int = 0) -> tuple[Spectrum, Spectrum, str]:
     """Item and user spectra of a trained model's vectors (``like``), else a power-law stand-in."""
     if like is not None:
         return (Spectrum(embeddings(like / "batch_infer" / "item_embeddings.parquet")),
@@ -88,7 +88,7 @@ def timed_search(index, queries: np.ndarray, repeats: int = 2) -> tuple[np.ndarr
     return ids, best
 
 
-def index_size(n: int, num_queries: int, items_like: "Spectrum", users_like: "Spectrum", seed: int, quick: bool) -> list[dict]:
+def index_size(n: int, num_queries: int, items_like: Spectrum, users_like: Spectrum, seed: int, quick: bool) -> list[dict]:
     """Every index kind and setting at ``n`` items (run in a fresh process: its peak RSS is this size's)."""
     import faiss
 

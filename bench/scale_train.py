@@ -69,7 +69,8 @@ def overrides(items: int, users: int, workers: int, steps: int, warmup: int, val
 
 
 def compose(args: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from jobs.runtime.config.schema import register
 
@@ -86,8 +87,8 @@ def fine_tune(runs: list[list[str]]) -> list[dict]:
 
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("RAY_DASHBOARD_ENABLED", "0")
-    from jobs.runtime.config.schema import validate
     from jobs.runtime.config.ray_cluster import ray_session, shared_folders, train_needs
+    from jobs.runtime.config.schema import validate
 
     cfgs = [compose(args) for args in runs]
     for cfg in cfgs:
@@ -105,8 +106,8 @@ def storage_of(cfg) -> str:
 
 def fine_tune_once(cfg) -> dict:
     from jobs.runtime.config.assembly import prepare_data
-    from jobs.runtime.training.ray_fit import run_name_of, torch_trainer
     from jobs.runtime.config.run_folder import create_run_folder
+    from jobs.runtime.training.ray_fit import run_name_of, torch_trainer
 
     # a run of the same name would resume from its checkpoint (jobs/runtime/training/ray_fit.py): start afresh
     name = run_name_of(cfg, Path(cfg.paths.output_dir))

@@ -102,7 +102,7 @@ class SeenItems:
     items: np.ndarray  # [offsets[-1]] int64
 
     @classmethod
-    def from_lists(cls, seen: Sequence[np.ndarray]) -> "SeenItems":
+    def from_lists(cls, seen: Sequence[np.ndarray]) -> SeenItems:
         """One array per user (any ints, duplicates and out-of-range values allowed)."""
         arrays = [np.asarray(s, dtype=np.int64).reshape(-1) for s in seen]
         counts = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))

@@ -205,7 +205,7 @@ class ItemTower(nn.Module):
             # the tower pools the last hidden states itself: BERT's pooler is never used
             self.encoder.pooler.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "ItemTower":
+    def train(self, mode: bool = True) -> ItemTower:
         """A fully frozen encoder stays in eval mode (no dropout), whatever the tower's mode.
         (Whether it is frozen is read here: after changing ``requires_grad`` by hand, call
         ``train()`` or ``eval()`` again.)"""

@@ -2,9 +2,8 @@
 full-ranking validation and the optimiser."""
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 
 import pytorch_lightning as pl
 import torch

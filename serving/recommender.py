@@ -45,11 +45,11 @@ class Batcher:
         import queue
 
         self.compute, self.max_batch = compute, max_batch
-        self.queue: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self.batches = self.rows = 0
         threading.Thread(target=self._loop, name="towerrec-batcher", daemon=True).start()
 
-    def submit(self, m: "ServingModel", histories: list[list[int]]) -> np.ndarray:
+    def submit(self, m: ServingModel, histories: list[list[int]]) -> np.ndarray:
         """[len(histories), d] user vectors; blocks until computed."""
         from concurrent.futures import Future
 

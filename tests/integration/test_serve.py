@@ -43,7 +43,7 @@ class Server:
         env.pop("TOWERREC_ADMIN_TOKEN", None)
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def wait_ready(self, timeout: float = 120.0) -> "Server":
+    def wait_ready(self, timeout: float = 120.0) -> Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -112,8 +112,8 @@ def test_cold_start_items_are_ranked_from_text_alone(tiny_cfg):
 
 def test_weight_averaging_is_what_validation_sees_and_what_is_saved(tiny_cfg):
     from inference.bundle import read_weights
-    from jobs.runtime.training.local_fit import local_fit
     from jobs.runtime.config.run_folder import create_run_folder
+    from jobs.runtime.training.local_fit import local_fit
 
     cfg = tiny_cfg("finetune", "finetune.max_epochs=2", "data.batch_size=16", "trainer.ema_decay=0.9", "init_from=null")
     run_dir = create_run_folder(cfg)

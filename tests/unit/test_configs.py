@@ -17,6 +17,7 @@ from jobs.runtime.config.assembly import build_model, build_module
 from jobs.runtime.config.schema import validate
 from tests.conftest import CONF, compose_config
 
+
 def full_message(err: pytest.ExceptionInfo) -> str:
     return f"{err.value} {err.value.__cause__}"
 

@@ -2,8 +2,8 @@
 initialisation that alters training shows up here. Update the numbers only on purpose."""
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from jobs.runtime.config.assembly import build_datamodule, build_model, build_module, build_trainer

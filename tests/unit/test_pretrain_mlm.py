@@ -1,8 +1,8 @@
 """Masked-language modelling of item text in pretraining."""
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from jobs.runtime.config.assembly import build_datamodule, build_model, build_module

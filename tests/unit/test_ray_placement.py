@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from jobs.runtime.config import ray_cluster
-from jobs.runtime.config.schema import ConfigError, validate
 from jobs.runtime.config.ray_cluster import Needs, PlacementError, check_placement, fits_on, infer_needs, train_needs
+from jobs.runtime.config.schema import ConfigError, validate
 from tests.conftest import compose_config
 
 

@@ -73,7 +73,7 @@ def test_prepare_matches_the_row_by_row_rules_for_object_and_arrow_strings(tmp_p
         prepare(raw, tmp_path / kind, min_user_interactions=min_len, dedupe=dedupe)
         written[kind] = {f: pd.read_parquet(tmp_path / kind / f"{f}.parquet") for f in ("interactions", "split", "users", "items")}
     ref_inter, ref_split, ref_users = reference_prepare(random_raw("object"), min_len, dedupe)
-    for kind, files in written.items():
+    for files in written.values():
         inter, split, users = files["interactions"], files["split"], files["users"]
         pd.testing.assert_frame_equal(inter, ref_inter)  # values, dtypes and row order
         pd.testing.assert_frame_equal(split, ref_split)
@@ -87,9 +87,9 @@ def test_no_object_column_in_the_indexed_interactions_or_the_split():
     raw = random_raw("object")
     catalog = pa.array(raw.items["item_id"], type=pa.large_string())
     indexed = index_interactions(raw, catalog, min_user_interactions=3, dedupe=True)
-    assert not any(dtype == object for dtype in indexed.frame.dtypes), indexed.frame.dtypes
+    assert not any(dtype == object for dtype in indexed.frame.dtypes), indexed.frame.dtypes  # noqa: E721 (a dtype, compared by value)
     split = leave_one_out_split(indexed.frame[["user_idx", "item_idx", "timestamp", "order"]])
-    assert not any(dtype == object for dtype in split.dtypes), split.dtypes
+    assert not any(dtype == object for dtype in split.dtypes), split.dtypes  # noqa: E721 (a dtype, compared by value)
     assert split["split"].cat.codes.dtype == np.int8
 
 
@@ -121,7 +121,7 @@ def test_missing_ids_are_errors_naming_row_and_field(tmp_path):
 def per_user_reference(folder: Path) -> dict[int, list[tuple[int, str]]]:
     split = pd.read_parquet(folder / "split.parquet")
     out: dict[int, list[tuple[int, str]]] = {}
-    for u, i, p, s in sorted(zip(split.user_idx, split.item_idx, split.position, split.split.astype(str)), key=lambda r: (r[0], r[2])):
+    for u, i, _p, s in sorted(zip(split.user_idx, split.item_idx, split.position, split.split.astype(str)), key=lambda r: (r[0], r[2])):
         out.setdefault(int(u), []).append((int(i), s))
     return out
 

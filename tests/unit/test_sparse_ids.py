@@ -100,9 +100,10 @@ def test_a_sparse_id_table_trains_through_the_lightning_module(tiny_cfg, tmp_pat
     """One seeded fine-tuning epoch with the id table sparse: the module picks SparseRowAdamW,
     clips the sparse gradient, and the losses match the dense table's while every row used
     is used in every step (the first step), then stay close."""
-    from jobs.runtime.config.assembly import build_datamodule, build_model, build_module, build_trainer
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import Callback
+
+    from jobs.runtime.config.assembly import build_datamodule, build_model, build_module, build_trainer
 
     class Losses(Callback):
         def __init__(self):

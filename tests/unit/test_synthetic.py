@@ -25,7 +25,7 @@ def test_sequences_follow_the_planted_structure():
     inter, items = raw.interactions, raw.items
     # ids are Arrow-backed strings, not Python objects per row
     assert inter["user_id"].dtype == "str" and inter["item_id"].dtype == "str" and inter["timestamp"].dtype == np.int64
-    assert not any(dtype == object for dtype in inter.dtypes)
+    assert not any(dtype == object for dtype in inter.dtypes)  # noqa: E721 (a dtype, compared by value)
     topic = items["categories"].map(lambda c: int(c[0].split("_")[1])).to_numpy()
     seqs = _sequences(raw)
     assert len(seqs) == 2000

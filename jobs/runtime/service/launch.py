@@ -9,9 +9,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from jobs.runtime.config.run_folder import create_run_folder, resolve_bundle, run_log_file
 from jobs.runtime.config.schema import ConfigError, validate
 from jobs.runtime.tracking.console import say
-from jobs.runtime.config.run_folder import create_run_folder, resolve_bundle, run_log_file
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from jobs.runtime.tracking.console import say
 from jobs.runtime.config.ray_cluster import ray_session
+from jobs.runtime.tracking.console import say
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +23,12 @@ def app_builder(options: dict[str, Any], state_actor, admin_token: str | None, m
     """What each replica runs once: its own model, the shared live state, the app."""
 
     def build():
+        import faiss
+        import torch
+
         from serving.app import create_app
         from serving.live_state import RemoteLiveState
         from serving.recommender import Recommender
-
-        import faiss
-        import torch
 
         faiss.omp_set_num_threads(1)
         threads = options.get("torch_threads")

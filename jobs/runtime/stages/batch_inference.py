@@ -26,12 +26,21 @@ import torch
 from omegaconf import DictConfig
 
 from inference.bundle import ModelBundle, load_bundle
-from inference.embedding import UserHistories, embed_all_users, embed_catalog, embed_items, embed_users, encode_catalog_text, load_embedding_model, user_histories
+from inference.embedding import (
+    UserHistories,
+    embed_all_users,
+    embed_catalog,
+    embed_items,
+    embed_users,
+    encode_catalog_text,
+    load_embedding_model,
+    user_histories,
+)
 from inference.faiss_index import IndexChoice, auto_index, build_index, search_unseen
-from jobs.runtime.config.schema import validate
-from jobs.runtime.tracking.console import say
 from jobs.runtime.config.ray_cluster import infer_needs, ray_session
 from jobs.runtime.config.run_folder import create_run_folder, resolve_bundle, run_log_file, write_metrics
+from jobs.runtime.config.schema import validate
+from jobs.runtime.tracking.console import say
 from jobs.runtime.tracking.wandb_runs import log_job_result
 
 log = logging.getLogger(__name__)

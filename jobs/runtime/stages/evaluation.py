@@ -17,11 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.sequence_datamodule import SequenceDataModule
 from inference.bundle import CATALOG, BundleError, ModelBundle, load_bundle
 from jobs.runtime.config.assembly import build_datamodule
-from jobs.runtime.training.checkpoints import restore_config
+from jobs.runtime.config.run_folder import create_run_folder, resolve_bundle, run_log_file, write_metrics
 from jobs.runtime.config.schema import validate
 from jobs.runtime.tracking.console import say
-from jobs.runtime.config.run_folder import create_run_folder, resolve_bundle, run_log_file, write_metrics
 from jobs.runtime.tracking.wandb_runs import log_job_result
+from jobs.runtime.training.checkpoints import restore_config
 from lightning_modules.full_ranking import model_scorer, popularity_scorer, rank_batches
 from lightning_modules.ranking_metrics import category_matrix
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from jobs.runtime.stages.batch_inference import run_batch_infer
-from jobs.runtime.config.schema import validate
-from jobs.runtime.tracking.console import say
-from jobs.runtime.stages.evaluation import run_evaluate
 from jobs.runtime.config.ray_cluster import ray_session
 from jobs.runtime.config.run_folder import create_run_folder, run_log_file, write_metrics
+from jobs.runtime.config.schema import validate
+from jobs.runtime.stages.batch_inference import run_batch_infer
+from jobs.runtime.stages.evaluation import run_evaluate
+from jobs.runtime.tracking.console import say
 from jobs.runtime.training.stage_job import run_stage_job
 
 log = logging.getLogger(__name__)

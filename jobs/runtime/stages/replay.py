@@ -30,11 +30,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from datamodules.parquet_dataset import write_raw_parquet
-from jobs.runtime.config.schema import validate
-from jobs.runtime.tracking.console import say
-from jobs.runtime.stages.pipeline import run_pipeline
 from jobs.runtime.config.run_folder import create_run_folder, run_log_file, write_metrics
+from jobs.runtime.config.schema import validate
+from jobs.runtime.stages.pipeline import run_pipeline
 from jobs.runtime.stages.update import run_update
+from jobs.runtime.tracking.console import say
 from serving.recommender import Recommender, ServiceError
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def results_table(metrics: dict[str, float], k: int, variants: list[str]) -> str
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
-        g = lambda key: metrics.get(f"{v}/{key}", float("nan"))  # noqa: E731
+        g = lambda key, v=v: metrics.get(f"{v}/{key}", float("nan"))  # noqa: E731
         lines.append(
             f"| {v} | {g(f'ndcg@{k}'):.4f} | {g(f'recall@{k}'):.4f} | {g('events_scored'):.0f} | {g(f'known_users/ndcg@{k}'):.4f} | "
             f"{g(f'known_users/recall@{k}'):.4f} | {g('known_users/events'):.0f} | {g('new_item_events'):.0f} | {g(f'new_item_recall@{k}'):.4f} | {g('seconds'):.0f} |"

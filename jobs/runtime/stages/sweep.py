@@ -28,12 +28,12 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from jobs.runtime.config.ray_cluster import cpus_per_worker, ray_session, shared_folders, train_needs  # noqa: E402
+from jobs.runtime.config.run_folder import create_run_folder, run_log_file, write_metrics  # noqa: E402
 from jobs.runtime.config.schema import validate  # noqa: E402
 from jobs.runtime.tracking.console import say  # noqa: E402
-from jobs.runtime.config.ray_cluster import cpus_per_worker, ray_session, shared_folders, train_needs  # noqa: E402
-from jobs.runtime.training.ray_fit import run_config, storage_of, torch_trainer  # noqa: E402
-from jobs.runtime.config.run_folder import create_run_folder, run_log_file, write_metrics  # noqa: E402
 from jobs.runtime.tracking.wandb_runs import log_job_result, trial_tracker  # noqa: E402
+from jobs.runtime.training.ray_fit import run_config, storage_of, torch_trainer  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.parquet_dataset import write_raw_parquet
 from inference.bundle import MANIFEST, Catalog, UserTable, load_bundle, read_manifest, save_bundle
-from jobs.runtime.training.checkpoints import restore_config
+from jobs.runtime.config.run_folder import BUNDLE_DIR, find_latest_run, resolve_bundle, run_log_file, write_metrics
 from jobs.runtime.config.schema import validate
 from jobs.runtime.tracking.console import say
-from jobs.runtime.config.run_folder import BUNDLE_DIR, find_latest_run, resolve_bundle, run_log_file, write_metrics
+from jobs.runtime.training.checkpoints import restore_config
 from jobs.runtime.training.stage_job import run_stage_job
 from serving.event_log import LOG_FILE, read_log
 

@@ -122,7 +122,7 @@ class StageProgress:
         self._thread: threading.Thread | None = None
         self._bar = None
 
-    def __enter__(self) -> "StageProgress":
+    def __enter__(self) -> StageProgress:
         if self.enabled:
             from tqdm import tqdm
 

@@ -11,11 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
 from jobs.runtime.config.assembly import build_datamodule, build_model, build_trainer, finish_wandb, precision_of
+from jobs.runtime.config.ray_cluster import ray_session, shared_folders, train_needs
 from jobs.runtime.training.bundle_export import export_bundle
 from jobs.runtime.training.callbacks import EpochReport, stage_callbacks
 from jobs.runtime.training.checkpoints import model_state_from_lightning, restore_config
 from jobs.runtime.training.local_fit import build_stage
-from jobs.runtime.config.ray_cluster import ray_session, shared_folders, train_needs
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
+from jobs.runtime.config.run_folder import BUNDLE_DIR, create_run_folder, resolve_bundle, run_log_file, write_metrics
 from jobs.runtime.config.schema import validate
 from jobs.runtime.tracking.console import StageProgress, say
-from jobs.runtime.config.run_folder import BUNDLE_DIR, create_run_folder, resolve_bundle, run_log_file, write_metrics
 from jobs.runtime.tracking.wandb_runs import log_job_result
 
 log = logging.getLogger(__name__)
