@@ -3,10 +3,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: env run test test-all clean
+.PHONY: env lock run test test-all lint format clean
 
 env:
 	@bash scripts/bootstrap.sh
+
+# regenerate requirements.lock from setup.cfg (ARGS=--upgrade for newer releases)
+lock:
+	@ARGS="$(ARGS)" bash scripts/lock.sh
 
 run: env
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m jobs.pipeline experiment=ml100k $(ARGS)
@@ -17,5 +21,15 @@ test: env
 test-all: env
 	WANDB_MODE=disabled $(PY) -m pytest -q $(ARGS)
 
+# what CI runs before the tests: lint, format check, types (pyproject.toml configures all three)
+lint: env
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: env
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache .mypy_cache .ruff_cache

@@ -3,6 +3,7 @@ speed and memory against the plain PyTorch loop of the same model measured in th
 
   python bench/gpu_check_summary.py /tmp/gpu_check
 """
+
 from __future__ import annotations
 
 import json

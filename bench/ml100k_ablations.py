@@ -8,6 +8,7 @@ read, not rerun; ``--jobs 2`` runs two at a time (each with half of the cores).
   python bench/ml100k_ablations.py --rows ours id_only --seeds 0 1 2
   python bench/ml100k_ablations.py --rows all --seeds 0 --table docs/ablations_table.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,16 @@ def command(row: dict, seed: int, out: Path, threads: int, launcher: str = "loca
 def finetune_commands(row: dict, seed: int, out: Path, threads: int, pretrain_dir: Path) -> list[list[str]]:
     """A fine-tuning-only row: jobs.finetune from another row's pretraining stage, then jobs.evaluate."""
     common = [f"seed={seed}", "logger=none", "trainer.enable_progress_bar=false", *LOCAL, f"hardware.torch_threads={threads}", f"paths.outputs_root={out}"]
-    fin = [sys.executable, "-m", "jobs.finetune", "experiment=ml100k", *row["overrides"], f"init_from={pretrain_dir}", *common, f"paths.output_dir={out}/finetune"]
+    fin = [
+        sys.executable,
+        "-m",
+        "jobs.finetune",
+        "experiment=ml100k",
+        *row["overrides"],
+        f"init_from={pretrain_dir}",
+        *common,
+        f"paths.output_dir={out}/finetune",
+    ]
     ev = [sys.executable, "-m", "jobs.evaluate", "experiment=ml100k", f"checkpoint={out}/finetune", *common, f"paths.output_dir={out}/evaluate"]
     return [fin, ev]
 
@@ -115,12 +125,25 @@ def table(results: dict[str, list[dict[str, float]]], rows: dict[str, dict], pre
 
 def cold_table(results: dict[str, list[dict[str, float]]]) -> str:
     """Rows that held items out of training: test users whose item is cold vs warm."""
-    lines = ["| row | seeds | users cold / warm | cold ndcg@10 | cold recall@10 | warm ndcg@10 | warm recall@10 | popularity cold ndcg@10 | popularity warm ndcg@10 |", "|---" * 9 + "|"]
+    lines = [
+        "| row | seeds | users cold / warm | cold ndcg@10 | cold recall@10 | warm ndcg@10 | warm recall@10 | popularity cold ndcg@10 | popularity warm ndcg@10 |",
+        "|---" * 9 + "|",
+    ]
     for name, runs in results.items():
         if "evaluate/test_cold/ndcg@10" not in runs[0]:
             continue
         users = f"{runs[0]['evaluate/test_cold/num_users']:.0f} / {runs[0]['evaluate/test_warm/num_users']:.0f}"
-        cols = [cell([r[f"evaluate/{p}test_{kind}/{m}"] for r in runs]) for p, kind, m in (("", "cold", "ndcg@10"), ("", "cold", "recall@10"), ("", "warm", "ndcg@10"), ("", "warm", "recall@10"), ("popularity/", "cold", "ndcg@10"), ("popularity/", "warm", "ndcg@10"))]
+        cols = [
+            cell([r[f"evaluate/{p}test_{kind}/{m}"] for r in runs])
+            for p, kind, m in (
+                ("", "cold", "ndcg@10"),
+                ("", "cold", "recall@10"),
+                ("", "warm", "ndcg@10"),
+                ("", "warm", "recall@10"),
+                ("popularity/", "cold", "ndcg@10"),
+                ("popularity/", "warm", "ndcg@10"),
+            )
+        ]
         lines.append(f"| {name} | {len(runs)} | {users} | " + " | ".join(cols) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -152,7 +175,9 @@ def main() -> None:
                     for c in finetune_commands(rows[n], s, out / n / f"seed{s}", threads, pre):
                         print("python " + shlex.join(c[1:]))
                     continue
-                print(shlex.join(command(rows[n], s, out / n / f"seed{s}", threads, args.launcher)[1:]).replace("-m jobs.pipeline", "python -m jobs.pipeline", 1))
+                print(
+                    shlex.join(command(rows[n], s, out / n / f"seed{s}", threads, args.launcher)[1:]).replace("-m jobs.pipeline", "python -m jobs.pipeline", 1)
+                )
         return
     jobs = [(n, s) for n in names for s in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:

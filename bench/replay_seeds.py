@@ -4,6 +4,7 @@
         seed=$s replay.update_every=2000 paths.output_dir=outputs/replay/ml100k-seed$s; done
     python bench/replay_seeds.py outputs/replay/ml100k-seed0 outputs/replay/ml100k-seed1 outputs/replay/ml100k-seed2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,12 @@ import json
 import statistics
 from pathlib import Path
 
-COLUMNS = [("ndcg@10", "NDCG@10"), ("recall@10", "Recall@10"), ("known_users/ndcg@10", "NDCG@10, users known at the cut"), ("known_users/recall@10", "Recall@10, users known at the cut")]
+COLUMNS = [
+    ("ndcg@10", "NDCG@10"),
+    ("recall@10", "Recall@10"),
+    ("known_users/ndcg@10", "NDCG@10, users known at the cut"),
+    ("known_users/recall@10", "Recall@10, users known at the cut"),
+]
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ proportional to the size; 0 for a training step, whose cost must not depend on t
 Writes ``scale.json`` and ``scale_growth.png`` into ``--out`` (default docs/) and, unless
 ``--quick``, replaces the "Scale" section of docs/benchmarks.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,9 +71,18 @@ def slopes(rows: list[dict]) -> list[dict]:
         time_slope = float(np.polyfit(x, np.log([max(r["seconds"], 1e-9) for r in group]), 1)[0])
         memory_slope = float(np.polyfit(x, np.log([r["peak_rss_mb"] for r in group]), 1)[0])
         expected = EXPECTED_SLOPE.get((stage, step), 1.0)
-        out.append({"stage": stage, "step": step, "unit": group[0]["unit"], "sizes": sorted({int(s) for s in sizes}),
-                    "time_slope": time_slope, "memory_slope": memory_slope, "expected": expected,
-                    "within": time_slope <= expected + SLOPE_TOLERANCE})
+        out.append(
+            {
+                "stage": stage,
+                "step": step,
+                "unit": group[0]["unit"],
+                "sizes": sorted({int(s) for s in sizes}),
+                "time_slope": time_slope,
+                "memory_slope": memory_slope,
+                "expected": expected,
+                "within": time_slope <= expected + SLOPE_TOLERANCE,
+            }
+        )
     return out
 
 
@@ -116,13 +126,20 @@ def _fmt(value: float) -> str:
 def markdown(rows: list[dict], fitted: list[dict], runs: dict, out: str) -> str:
     lines = ["| stage | command | date | CPUs | minutes |", "|---|---|---|---|---|"]
     lines += [f"| {stage} | `{r['command']}` | {r['date']} | {r['cpus']} ({r['machine']}) | {r['minutes']:.1f} |" for stage, r in runs.items()]
-    lines += ["", f"Raw rows: `{out}/scale.json`; plots: `{out}/scale_growth.png`.", "",
-             "### Growth", "",
-             "| stage | step | sizes | slope of log time | slope of log peak RSS | expected time slope | within |",
-             "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Raw rows: `{out}/scale.json`; plots: `{out}/scale_growth.png`.",
+        "",
+        "### Growth",
+        "",
+        "| stage | step | sizes | slope of log time | slope of log peak RSS | expected time slope | within |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for f in fitted:
         sizes = ", ".join(f"{s:,}" for s in f["sizes"])
-        lines.append(f"| {f['stage']} | {f['step']} | {sizes} {f['unit']} | {f['time_slope']:.2f} | {f['memory_slope']:.2f} | {f['expected']:.0f} | {'yes' if f['within'] else '**no**'} |")
+        lines.append(
+            f"| {f['stage']} | {f['step']} | {sizes} {f['unit']} | {f['time_slope']:.2f} | {f['memory_slope']:.2f} | {f['expected']:.0f} | {'yes' if f['within'] else '**no**'} |"
+        )
     lines += ["", "### Measurements", "", "| stage | step | size | seconds | peak RSS MiB | also |", "|---|---|---|---|---|---|"]
     skip = {"stage", "step", "size", "unit", "seconds", "peak_rss_mb", "growth"}
     for r in rows:

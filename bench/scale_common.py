@@ -6,6 +6,7 @@ rows, items, users), ``seconds`` and ``peak_rss_mb``; a stage may add its own fi
 (samples_per_s, users_per_s, ...). Rows of one (stage, step) at growing sizes give that step's
 log-log slope (bench/scale.py).
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp

@@ -18,6 +18,7 @@ steps, each in a fresh process so its peak RSS is its own:
 The peak RSS of a step includes the interpreter and its imports (torch for the datamodule) and the
 data the step reads. Each size's files are deleted once it is measured.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -14,6 +14,7 @@ trained model's item and user vectors (``--like``: a pipeline run's batch_infer 
 default the newest ml100k pipeline run; with none, a power-law spectrum, said in the output), so
 the search is as hard as on that model's space.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,12 +48,19 @@ def newest_ml100k_run() -> Path | None:
 def spectra(like: Path | None, dim: int = 64, seed: int = 0) -> tuple[Spectrum, Spectrum, str]:
     """Item and user spectra of a trained model's vectors (``like``), else a power-law stand-in."""
     if like is not None:
-        return (Spectrum(embeddings(like / "batch_infer" / "item_embeddings.parquet")),
-                Spectrum(embeddings(like / "batch_infer" / "user_embeddings.parquet")), f"vectors shaped like {like}")
+        return (
+            Spectrum(embeddings(like / "batch_infer" / "item_embeddings.parquet")),
+            Spectrum(embeddings(like / "batch_infer" / "user_embeddings.parquet")),
+            f"vectors shaped like {like}",
+        )
     rng = np.random.default_rng(seed)
     basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
     shaped = rng.standard_normal((4 * dim, dim)) * np.arange(1, dim + 1) ** -0.5 @ basis
-    return Spectrum(shaped + 0.3), Spectrum(shaped - 0.1), "no trained ml100k run found: vectors with a power-law spectrum (run `make run` for a trained model's)"
+    return (
+        Spectrum(shaped + 0.3),
+        Spectrum(shaped - 0.1),
+        "no trained ml100k run found: vectors with a power-law spectrum (run `make run` for a trained model's)",
+    )
 
 
 class Spectrum:
@@ -104,8 +112,19 @@ def index_size(n: int, num_queries: int, items_like: Spectrum, users_like: Spect
     del flat
     base = {"items": n, "dim": items.shape[1], "queries": num_queries, "threads": faiss.omp_get_max_threads()}
     auto = auto_index(n)
-    rows = [base | {"kind": "flat", "setting": "exact", "build_s": flat_build, "search_s": flat_seconds, "qps": num_queries / flat_seconds,
-                    "recall": 1.0, "speedup": 1.0, "auto": auto.kind == "flat"}]
+    rows = [
+        base
+        | {
+            "kind": "flat",
+            "setting": "exact",
+            "build_s": flat_build,
+            "search_s": flat_seconds,
+            "qps": num_queries / flat_seconds,
+            "recall": 1.0,
+            "speedup": 1.0,
+            "auto": auto.kind == "flat",
+        }
+    ]
     if quick:
         settings = [("ivf", {"nlist": int(4 * np.sqrt(n)), "nprobe": 16}), ("hnsw", {"hnsw_m": 16, "ef_search": 64})]
     else:
@@ -130,15 +149,26 @@ def index_size(n: int, num_queries: int, items_like: Spectrum, users_like: Spect
         else:
             index.hnsw.efSearch = params["ef_search"]
         ids, seconds = timed_search(index, users)
-        row = base | {"kind": kind, "setting": ", ".join(f"{k}={v}" for k, v in params.items()), "build_s": build_s, "search_s": seconds,
-                      "qps": num_queries / seconds, "recall": recall(ids, exact), "speedup": flat_seconds / seconds,
-                      "auto": auto.kind == kind and auto.params == params}
+        row = base | {
+            "kind": kind,
+            "setting": ", ".join(f"{k}={v}" for k, v in params.items()),
+            "build_s": build_s,
+            "search_s": seconds,
+            "qps": num_queries / seconds,
+            "recall": recall(ids, exact),
+            "speedup": flat_seconds / seconds,
+            "auto": auto.kind == kind and auto.params == params,
+        }
         rows.append(row)
-        say(f"  {kind:5s} {row['setting']:28s} build {build_s:7.1f} s  {row['qps']:9.0f} q/s  recall@{K} {row['recall']:.4f}  x{row['speedup']:.1f}{'  <- auto' if row['auto'] else ''}")
+        say(
+            f"  {kind:5s} {row['setting']:28s} build {build_s:7.1f} s  {row['qps']:9.0f} q/s  recall@{K} {row['recall']:.4f}  x{row['speedup']:.1f}{'  <- auto' if row['auto'] else ''}"
+        )
     return rows
 
 
-def run_stage(sizes: list[int] | None = None, out_dir: Path | None = None, quick: bool = False, queries: int | None = None, like: Path | None = None, seed: int = 0) -> list[dict]:
+def run_stage(
+    sizes: list[int] | None = None, out_dir: Path | None = None, quick: bool = False, queries: int | None = None, like: Path | None = None, seed: int = 0
+) -> list[dict]:
     """Rows of every index at every size, plus the growth rows (bench/scale_common.py format) of
     exact search and of what ``auto`` builds: its build and its search of all queries. Nothing is
     written (``out_dir`` is unused)."""
@@ -149,8 +179,20 @@ def run_stage(sizes: list[int] | None = None, out_dir: Path | None = None, quick
     rows: list[dict] = []
     for n in sizes:
         found, rss = in_fresh_process(index_size, n, queries, items_like, users_like, seed, quick)
-        rows += [r | {"stage": "index", "step": f"{r['kind']} {r['setting']}", "size": n, "unit": "items", "seconds": r["search_s"],
-                      "peak_rss_mb": rss, "source": source, "growth": False} for r in found]
+        rows += [
+            r
+            | {
+                "stage": "index",
+                "step": f"{r['kind']} {r['setting']}",
+                "size": n,
+                "unit": "items",
+                "seconds": r["search_s"],
+                "peak_rss_mb": rss,
+                "source": source,
+                "growth": False,
+            }
+            for r in found
+        ]
         exact = found[0]
         auto = next(r for r in found if r["auto"])
         rows.append(row("index", "exact search", n, "items", exact["search_s"], rss, queries=queries, growth=True))
@@ -164,7 +206,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| items | index | setting | build s | queries/s | recall@100 | speed-up vs exact | auto |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "kind" in r and "setting" in r:
-            lines.append(f"| {r['items']:,} | {r['kind']} | {r['setting']} | {r['build_s']:.1f} | {r['qps']:,.0f} | {r['recall']:.4f} | {r['speedup']:.1f}x | {'yes' if r.get('auto') else ''} |")
+            lines.append(
+                f"| {r['items']:,} | {r['kind']} | {r['setting']} | {r['build_s']:.1f} | {r['qps']:,.0f} | {r['recall']:.4f} | {r['speedup']:.1f}x | {'yes' if r.get('auto') else ''} |"
+            )
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ and on Ray Data with 1 and 2 actors, each in a fresh process. A row gives the us
 whole job (load, embed, index, search, write) and its seconds per phase. Peak RSS is the
 driver's; Ray's actors are separate processes and not counted in it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -117,9 +118,18 @@ def infer_config(root: Path, path: str, batch_size: int):
     register()
     ray = [f"infer.use_ray={path != 'local'}", f"infer.num_actors={path[3:] if path != 'local' else 1}", "cluster.include_dashboard=false"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="batch_infer", overrides=[
-            f"paths.root_dir={root}", "experiment=tiny", "logger=none", f"infer.top_k={TOP_K}", "infer.index.kind=auto", f"infer.batch_size={batch_size}", *ray,
-        ])
+        return compose(
+            config_name="batch_infer",
+            overrides=[
+                f"paths.root_dir={root}",
+                "experiment=tiny",
+                "logger=none",
+                f"infer.top_k={TOP_K}",
+                "infer.index.kind=auto",
+                f"infer.batch_size={batch_size}",
+                *ray,
+            ],
+        )
 
 
 def measure(bundle: Path, path: str, run_dir: Path, batch_size: int) -> dict[str, float]:
@@ -138,12 +148,26 @@ def measure(bundle: Path, path: str, run_dir: Path, batch_size: int) -> dict[str
     return metrics
 
 
-PHASES = {"load": "load", "ray_start": "ray_start", "embed_items": "embed_items_wall", "embed_users": "embed_users_wall",
-          "build_index": "build_index", "search": "search", "write": "write"}
+PHASES = {
+    "load": "load",
+    "ray_start": "ray_start",
+    "embed_items": "embed_items_wall",
+    "embed_users": "embed_users_wall",
+    "build_index": "build_index",
+    "search": "search",
+    "write": "write",
+}
 
 
-def run_stage(configs: list[tuple[int, int]] | None = None, out_dir: Path = ROOT / "outputs" / "bench_scale", quick: bool = False,
-              paths: tuple[str, ...] = PATHS, big_paths: tuple[str, ...] = PATHS, big_users: int = 1_000_000, batch_size: int = 2048) -> list[dict]:
+def run_stage(
+    configs: list[tuple[int, int]] | None = None,
+    out_dir: Path = ROOT / "outputs" / "bench_scale",
+    quick: bool = False,
+    paths: tuple[str, ...] = PATHS,
+    big_paths: tuple[str, ...] = PATHS,
+    big_users: int = 1_000_000,
+    batch_size: int = 2048,
+) -> list[dict]:
     """Rows of stage ``infer``: for each (users, items) configuration, each path's seconds and users/s.
     Configurations with at least ``big_users`` users run only ``big_paths`` (all by default; fewer
     to save time: the search, the longest phase there, is the same on every path)."""
@@ -158,18 +182,37 @@ def run_stage(configs: list[tuple[int, int]] | None = None, out_dir: Path = ROOT
             say(f"infer: {users:,} users x {items:,} items: bundle {folder} (made earlier)")
         else:
             made, rss = in_fresh_process(build_bundle, folder, users, items)
-            say(f"infer: {users:,} users x {items:,} items: data {made['data_s']:.0f} s, bundle {made['bundle_s']:.0f} s ({made['interactions']:,} interactions, peak {rss:,.0f} MiB); untrained tiny model")
+            say(
+                f"infer: {users:,} users x {items:,} items: data {made['data_s']:.0f} s, bundle {made['bundle_s']:.0f} s ({made['interactions']:,} interactions, peak {rss:,.0f} MiB); untrained tiny model"
+            )
         for path in paths if users < big_users else [p for p in paths if p in big_paths]:
             metrics, rss = in_fresh_process(measure, folder, path, out_dir / f"run_u{users}_i{items}_{path}", batch_size)
             n_users = int(metrics["infer/num_users"])
             seconds = metrics["infer/seconds_total"]
             phases = {name: round(metrics[f"infer/seconds_{key}"], 3) for name, key in PHASES.items()}
             # one step per path and catalog, so that a step's slope is against users at a fixed catalog
-            rows.append(row("infer", f"{path}_{_label(items)}_items", n_users, "users", seconds, rss, path=path, items=int(metrics["infer/num_items"]),
-                            users_per_s=n_users / seconds, index=metrics["index"], top_k=TOP_K, untrained=True, phases=phases))
+            rows.append(
+                row(
+                    "infer",
+                    f"{path}_{_label(items)}_items",
+                    n_users,
+                    "users",
+                    seconds,
+                    rss,
+                    path=path,
+                    items=int(metrics["infer/num_items"]),
+                    users_per_s=n_users / seconds,
+                    index=metrics["index"],
+                    top_k=TOP_K,
+                    untrained=True,
+                    phases=phases,
+                )
+            )
             shutil.rmtree(out_dir / f"run_u{users}_i{items}_{path}", ignore_errors=True)  # a 1 M-user run writes about 1 GB
-            say(f"  {path:5s} {seconds:7.1f} s  {n_users / seconds:9,.0f} users/s  index {metrics['index']}  peak {rss:,.0f} MiB  "
-                + "  ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+            say(
+                f"  {path:5s} {seconds:7.1f} s  {n_users / seconds:9,.0f} users/s  index {metrics['index']}  peak {rss:,.0f} MiB  "
+                + "  ".join(f"{k} {v:.1f}" for k, v in phases.items())
+            )
     return rows
 
 
@@ -178,12 +221,17 @@ def _label(n: int) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| users | items | path | index | seconds | users/s | load | ray start | embed items | embed users | build index | search | write | driver peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| users | items | path | index | seconds | users/s | load | ray start | embed items | embed users | build index | search | write | driver peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         p = r["phases"]
-        lines.append(f"| {r['size']:,} | {r['items']:,} | {r['path']} | {r['index']} | {r['seconds']:.1f} | {r['users_per_s']:,.0f} | "
-                     + " | ".join(f"{p[k]:.1f}" for k in PHASES) + f" | {r['peak_rss_mb']:,.0f} |")
+        lines.append(
+            f"| {r['size']:,} | {r['items']:,} | {r['path']} | {r['index']} | {r['seconds']:.1f} | {r['users_per_s']:,.0f} | "
+            + " | ".join(f"{p[k]:.1f}" for k in PHASES)
+            + f" | {r['peak_rss_mb']:,.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ Rows (bench/scale_common.py), one fresh process per (catalog, workers):
   ``catalog_s`` is the catalog's vectors computed once per validation.
 ``peak_rss_mb`` is the largest peak RSS of a Ray Train worker (each records its own).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -188,8 +189,10 @@ def result_rows(result: dict, warmup: int, first_workers: int, driver_rss: float
     n, w, data = result["items"], result["workers"], result["data"]
     s = summarise(result, warmup)
     peak = s["worker_peak_rss_mb"]
-    say(f"train: {n:,} items, {data['users']:,} users, {data['interactions']:,} interactions; {w} worker(s): {s['step_s']:.3f} s/step, "
-        f"{s['samples_per_s']:.0f} samples/s; start-up {s['startup_s']:.0f} s; validation {1e3 * s['validate_s_per_user']:.2f} ms/user; worker peak {peak:.0f} MiB")
+    say(
+        f"train: {n:,} items, {data['users']:,} users, {data['interactions']:,} interactions; {w} worker(s): {s['step_s']:.3f} s/step, "
+        f"{s['samples_per_s']:.0f} samples/s; start-up {s['startup_s']:.0f} s; validation {1e3 * s['validate_s_per_user']:.2f} ms/user; worker peak {peak:.0f} MiB"
+    )
     fields = dict(workers=w, driver_peak_rss_mb=driver_rss)
     workers = f"{w}_worker" + ("s" if w > 1 else "")
     out = [
@@ -197,7 +200,9 @@ def result_rows(result: dict, warmup: int, first_workers: int, driver_rss: float
         row(STAGE, f"startup_{workers}", n, "items", s["startup_s"], peak, first_step_s=s["first_step_s"], **fields),
     ]
     if w == first_workers:
-        out.append(row(STAGE, "validate_full_ranking", n, "items", s["validate_s_per_user"], peak, users=s["validated_users"], catalog_s=s["catalog_s"], **fields))
+        out.append(
+            row(STAGE, "validate_full_ranking", n, "items", s["validate_s_per_user"], peak, users=s["validated_users"], catalog_s=s["catalog_s"], **fields)
+        )
     return out
 
 

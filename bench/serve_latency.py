@@ -15,6 +15,7 @@ tower forward plus one index search, measured here on the same bundle. ``--ray``
 /recommend through Ray Serve's proxy (one replica). Prints a markdown table, writes JSON and a
 plot of p50/p99 against rate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,17 @@ def newest_bundle() -> Path:
 
 def start_server(bundle: Path, state: Path, backend: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    args = [sys.executable, "-m", "jobs.serve", f"serve.bundle={bundle}", f"serve.port={port}", f"serve.state_dir={state}", f"serve.backend={backend}", "logger=none", f"paths.root_dir={state.parent}"]
+    args = [
+        sys.executable,
+        "-m",
+        "jobs.serve",
+        f"serve.bundle={bundle}",
+        f"serve.port={port}",
+        f"serve.state_dir={state}",
+        f"serve.backend={backend}",
+        "logger=none",
+        f"paths.root_dir={state.parent}",
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "disabled"})
     url = f"http://127.0.0.1:{port}"
     import requests
@@ -115,7 +126,16 @@ async def drive(url: str, path: str, bodies: list[dict], rate: float, seconds: f
         wall = time.perf_counter() - start
     latencies.sort()
     q = lambda p: 1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")  # noqa: E731
-    return {"rate": rate, "sent": n, "ok": len(latencies), "errors": errors, "achieved_rps": len(latencies) / wall, "p50_ms": q(0.50), "p99_ms": q(0.99), "max_ms": q(1.0)}
+    return {
+        "rate": rate,
+        "sent": n,
+        "ok": len(latencies),
+        "errors": errors,
+        "achieved_rps": len(latencies) / wall,
+        "p50_ms": q(0.50),
+        "p99_ms": q(0.99),
+        "max_ms": q(1.0),
+    }
 
 
 def floor_ms(bundle: Path, users: list[str], repeats: int = 300) -> dict[str, float]:
@@ -163,7 +183,7 @@ def plot(rows: list[dict], floor: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in dict.fromkeys(r["endpoint"] for r in rows):
         rs = [r for r in rows if r["endpoint"] == name]
-        line, = ax.plot([r["rate"] for r in rs], [r["p99_ms"] for r in rs], marker="o", label=f"{name} p99")
+        (line,) = ax.plot([r["rate"] for r in rs], [r["p99_ms"] for r in rs], marker="o", label=f"{name} p99")
         ax.plot([r["rate"] for r in rs], [r["p50_ms"] for r in rs], marker=".", linestyle="--", color=line.get_color(), label=f"{name} p50")
     ax.axhline(floor["p50_ms"], color="gray", linestyle=":", label="in-process floor (p50)")
     ax.axhline(20, color="red", linewidth=0.8, label="target p99 (20 ms)")

@@ -16,6 +16,7 @@ Synthetic data: random token ids, random histories of full length.
   python bench/train_throughput.py --scale base --strategy deepspeed_stage_2 --activation-checkpointing
   python bench/train_throughput.py --device cpu --model tiny --strategy plain --steps 2 --warmup 1   # smoke test
 """
+
 from __future__ import annotations
 
 import argparse
@@ -120,7 +121,18 @@ def build(args: argparse.Namespace) -> RetrievalModule:
     ids = torch.randint(1000, 30522, (args.num_items, args.text_tokens))
     mask = torch.ones_like(ids)
     chunk = args.chunk_size if args.chunk_size == "auto" else int(args.chunk_size)
-    tower = ItemTower(args.num_items, cfg["dim"], encoder, ids, mask, freeze_encoder=False, dropout=it.get("dropout", 0.1), chunk_size=chunk, static_width=args.static_width, compile_encoder=args.compile)
+    tower = ItemTower(
+        args.num_items,
+        cfg["dim"],
+        encoder,
+        ids,
+        mask,
+        freeze_encoder=False,
+        dropout=it.get("dropout", 0.1),
+        chunk_size=chunk,
+        static_width=args.static_width,
+        compile_encoder=args.compile,
+    )
     gpt = build_gpt2(ut["n_layer"], ut["n_head"], ut["n_embd"], max(args.seq_len, 8), ut.get("dropout", 0.1))
     model = TwoTowerModel(tower, UserTower(gpt, cfg["dim"]))
     if args.activation_checkpointing:
@@ -199,9 +211,18 @@ def lightning_fit(module: RetrievalModule, loader: DataLoader, args: argparse.Na
         # no unused parameters: every trainable one gets a gradient (tests/unit/test_training_efficiency.py)
         strategy = DDPStrategy(find_unused_parameters=False, process_group_backend=None if on_gpu else "gloo")
     trainer = pl.Trainer(
-        accelerator="gpu" if on_gpu else "cpu", devices=1, strategy=strategy, precision="bf16-mixed" if on_gpu else "32-true",
-        max_steps=args.steps + args.warmup, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[TimingCallback(timing)], gradient_clip_val=None,
+        accelerator="gpu" if on_gpu else "cpu",
+        devices=1,
+        strategy=strategy,
+        precision="bf16-mixed" if on_gpu else "32-true",
+        max_steps=args.steps + args.warmup,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[TimingCallback(timing)],
+        gradient_clip_val=None,
     )
     trainer.fit(module, train_dataloaders=loader)
 
@@ -239,7 +260,9 @@ def main() -> None:
     encoded = EncodedItems(module.model.item_tower)
     params = sum(p.numel() for p in module.parameters())
     total = args.steps + args.warmup + (2 if args.profile else 0)
-    loader = DataLoader(RandomHistories(args.num_items, args.seq_len, args.batch_size * total), batch_size=args.batch_size, num_workers=2 if on_gpu else 0, pin_memory=on_gpu)
+    loader = DataLoader(
+        RandomHistories(args.num_items, args.seq_len, args.batch_size * total), batch_size=args.batch_size, num_workers=2 if on_gpu else 0, pin_memory=on_gpu
+    )
     timing = Timing(args.warmup, device, encoded)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)

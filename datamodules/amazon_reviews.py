@@ -10,6 +10,7 @@ Bad rows raise :class:`DataFormatError` naming the file, the physical 1-based li
 unless ``skip_malformed`` is set, in which case they are counted in ``RawDataset.skipped`` by
 reason and a warning is logged. Blank lines are not rows and are ignored.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -240,22 +241,17 @@ def _read_products(path: Path, schema: _Schema, problems: RowProblems) -> list[_
 # --------------------------------------------------------------------------- reviews
 
 
-def _parse_review(
-    row: dict[str, Any], schema: _Schema, known_items: set[str], rating_required: bool
-) -> tuple[str, str, int, float | None]:
+def _parse_review(row: dict[str, Any], schema: _Schema, known_items: set[str], rating_required: bool) -> tuple[str, str, int, float | None]:
     user = _required_str(row, schema.user_key)
     item = _required_str(row, schema.item_key)
     stamp = _timestamp(row, schema.time_key) // schema.time_per_second
     rating = _rating(row, schema.rating_key, required=rating_required)
     if item not in known_items:
-        raise BadRow("item_id", f"unknown item id '{item}' ({schema.item_key} not in the metadata file)",
-                      "unknown_item")
+        raise BadRow("item_id", f"unknown item id '{item}' ({schema.item_key} not in the metadata file)", "unknown_item")
     return user, item, stamp, rating
 
 
-def _read_reviews(
-    path: Path, schema: _Schema, known_items: set[str], min_rating: float | None, problems: RowProblems
-) -> tuple[pd.DataFrame, int]:
+def _read_reviews(path: Path, schema: _Schema, known_items: set[str], min_rating: float | None, problems: RowProblems) -> tuple[pd.DataFrame, int]:
     """Reviews in file order, and how many were dropped for a rating below ``min_rating``."""
     users: list[str] = []
     items: list[str] = []
@@ -320,14 +316,11 @@ def read_amazon_reviews(
     schema = _SCHEMAS[version]
     problems = RowProblems(skip_malformed)
     products = _read_products(metadata_path, schema, problems)
-    interactions, below_min_rating = _read_reviews(
-        reviews_path, schema, {p.item_id for p in products}, min_rating, problems
-    )
+    interactions, below_min_rating = _read_reviews(reviews_path, schema, {p.item_id for p in products}, min_rating, problems)
     items = pd.DataFrame(
         {
             "item_id": pd.Series([p.item_id for p in products], dtype=str),
-            "text": pd.Series([product_text(p.title, p.categories, p.brand, p.description) for p in products],
-                              dtype=str),
+            "text": pd.Series([product_text(p.title, p.categories, p.brand, p.description) for p in products], dtype=str),
             "title": pd.Series([p.title or p.description[:80] for p in products], dtype=str),
             "categories": pd.Series([list(p.categories) for p in products], dtype=object),
         }

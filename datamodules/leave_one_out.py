@@ -3,6 +3,7 @@
 Everything here is integer column work (sorts and offsets), so 20 M interactions split in
 seconds and hold no Python object per interaction.
 """
+
 from __future__ import annotations
 
 import numpy as np

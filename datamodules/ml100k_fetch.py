@@ -8,6 +8,7 @@ Source kinds:
 
 A url may also be a local path or ``file://`` URL, which is how the tests feed local archives.
 """
+
 from __future__ import annotations
 
 import hashlib

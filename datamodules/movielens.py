@@ -6,6 +6,7 @@ naming the file, the physical 1-based line and the field, unless ``skip_malforme
 which case they are counted in ``RawDataset.skipped`` by reason and a warning is logged.
 Blank lines are not rows and are ignored everywhere.
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,9 +25,25 @@ from datamodules.raw_dataset import BadRow, DataFormatError, RawDataset, RowProb
 logger = logging.getLogger(__name__)
 
 ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 NO_GENRES = "(no genres listed)"
 RATING_FIELDS = ("user_id", "item_id", "rating", "timestamp")
@@ -302,9 +319,7 @@ def read_ml100k_grouplens(folder: str | Path, skip_malformed: bool = False) -> R
     folder = Path(folder)
     problems = RowProblems(skip_malformed)
     item_path = folder / "u.item"
-    movies = _collect_movies(
-        item_path, _split_rows(_numbered_lines(item_path, ("latin-1",)), "|"), _parse_u_item, problems
-    )
+    movies = _collect_movies(item_path, _split_rows(_numbered_lines(item_path, ("latin-1",)), "|"), _parse_u_item, problems)
     data_path = folder / "u.data"
     interactions = _collect_ratings(
         data_path,
@@ -319,9 +334,7 @@ def read_ml100k_grouplens(folder: str | Path, skip_malformed: bool = False) -> R
 # --------------------------------------------------------------------------- ML-100K (RecBole atomic files)
 
 
-def _recbole_rows(
-    path: Path, required: tuple[str, ...]
-) -> tuple[dict[str, int], tuple[str, ...], Iterator[tuple[int, list[str]]]]:
+def _recbole_rows(path: Path, required: tuple[str, ...]) -> tuple[dict[str, int], tuple[str, ...], Iterator[tuple[int, list[str]]]]:
     """Read the header of a RecBole atomic file; return column positions by field name, the names, the rows."""
     lines = _numbered_lines(path, ("utf-8", "latin-1"))
     first = next(lines, None)
@@ -397,9 +410,7 @@ def read_ml1m(folder: str | Path, skip_malformed: bool = False) -> RawDataset:
     folder = Path(folder)
     problems = RowProblems(skip_malformed)
     movies_path = folder / "movies.dat"
-    movies = _collect_movies(
-        movies_path, _split_rows(_numbered_lines(movies_path, ("latin-1",)), "::"), _parse_ml1m_movie, problems
-    )
+    movies = _collect_movies(movies_path, _split_rows(_numbered_lines(movies_path, ("latin-1",)), "::"), _parse_ml1m_movie, problems)
     ratings_path = folder / "ratings.dat"
     interactions = _collect_ratings(
         ratings_path,
@@ -451,9 +462,7 @@ def _ratings_csv_fast(path: Path, header: tuple[str, ...]) -> pd.DataFrame | Non
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # pandas warns before rejecting "3.5" as int64
-            frame = pd.read_csv(
-                path, engine="c", dtype=_RATINGS_CSV_DTYPES, skip_blank_lines=False, encoding="utf-8-sig"
-            )
+            frame = pd.read_csv(path, engine="c", dtype=_RATINGS_CSV_DTYPES, skip_blank_lines=False, encoding="utf-8-sig")
     except (ValueError, OverflowError):  # ParserError and UnicodeDecodeError are ValueErrors
         return None
     if tuple(frame.columns) != header or frame["rating"].isna().any():
@@ -468,24 +477,19 @@ def _ids_as_str(values: pd.Series) -> pd.Series:
     return pd.Series(labels.take(codes), dtype=str)
 
 
-def _ratings_from_fast_frame(
-    path: Path, frame: pd.DataFrame, known_items: set[str], problems: RowProblems
-) -> pd.DataFrame:
+def _ratings_from_fast_frame(path: Path, frame: pd.DataFrame, known_items: set[str], problems: RowProblems) -> pd.DataFrame:
     if frame.empty:
         raise DataFormatError(str(path), "file is empty (no data rows)")
     known = np.fromiter((int(i) for i in known_items), dtype=np.int64, count=len(known_items))
     unknown = ~frame["movieId"].isin(known).to_numpy()
     if unknown.any():
         position = int(np.flatnonzero(unknown)[0])
-        bad = BadRow("item_id", f"unknown item id '{frame['movieId'].iat[position]}' (not in the item file)",
-                      "unknown_item")
+        bad = BadRow("item_id", f"unknown item id '{frame['movieId'].iat[position]}' (not in the item file)", "unknown_item")
         problems.report(path, position + 2, bad, count=int(unknown.sum()))
         frame = frame.loc[~unknown]
         if frame.empty:
             raise DataFormatError(str(path), "no usable interaction rows (all were skipped)")
-    return _interactions_frame(
-        _ids_as_str(frame["userId"]), _ids_as_str(frame["movieId"]), frame["timestamp"].to_numpy(np.int64)
-    )
+    return _interactions_frame(_ids_as_str(frame["userId"]), _ids_as_str(frame["movieId"]), frame["timestamp"].to_numpy(np.int64))
 
 
 def read_ml_csv(folder: str | Path, skip_malformed: bool = False) -> RawDataset:

@@ -6,6 +6,7 @@ incremental update and the streaming replay write):
 - ``items.parquet``: ``item_id`` (str), ``text`` (str), ``categories`` (list of str), and
   optionally ``title`` (str).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Raw dataset -> Parquet files with dense indices (raw ids kept) and the leave-one-out split."""
+
 from __future__ import annotations
 
 import json
@@ -165,7 +166,11 @@ def prepare(raw: RawDataset, out_dir: str | Path, min_user_interactions: int = 3
     if indexed.dropped_repeats or indexed.dropped_users:
         log.warning(
             "%s: dropped %d repeated (user, item) interactions and %d users (%d interactions) with fewer than %d interactions",
-            raw.name, indexed.dropped_repeats, indexed.dropped_users, indexed.dropped_rows, min_user_interactions,
+            raw.name,
+            indexed.dropped_repeats,
+            indexed.dropped_users,
+            indexed.dropped_rows,
+            min_user_interactions,
         )
     dropped_dupes, dropped_users = indexed.dropped_repeats, indexed.dropped_users
     num_users = len(indexed.user_ids)

@@ -1,5 +1,6 @@
 """Many integer sequences in two flat arrays (CSR layout): what a million users' histories cost
 as one array and offsets instead of a million Python objects."""
+
 from __future__ import annotations
 
 import gc

@@ -1,4 +1,5 @@
 """The in-memory form every dataset reader returns, before preprocessing to Parquet."""
+
 from __future__ import annotations
 
 import logging

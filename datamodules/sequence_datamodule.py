@@ -1,4 +1,5 @@
 """LightningDataModule over a prepared dataset: training sequences and full-ranking evaluation batches."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -80,7 +81,9 @@ class EvalExamples(Dataset):
     model's input but must still be removed from the ranking.
     """
 
-    def __init__(self, users: np.ndarray, histories: Ragged | list[np.ndarray], targets: np.ndarray, max_seq_len: int, seen: Ragged | list[np.ndarray] | None = None):
+    def __init__(
+        self, users: np.ndarray, histories: Ragged | list[np.ndarray], targets: np.ndarray, max_seq_len: int, seen: Ragged | list[np.ndarray] | None = None
+    ):
         self.users = users
         self.histories = histories
         self.targets = targets
@@ -242,7 +245,9 @@ class SequenceDataModule(pl.LightningDataModule):
         return DataLoader(data, batch_size=self.batch_size, shuffle=True, collate_fn=collate_train, num_workers=self.num_workers, drop_last=False)
 
     def eval_dataloader(self, split: str, targets_kind: str = "all") -> DataLoader:
-        return DataLoader(self.eval_dataset(split, targets_kind), batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_eval, num_workers=self.num_workers)
+        return DataLoader(
+            self.eval_dataset(split, targets_kind), batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_eval, num_workers=self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("valid")

@@ -6,6 +6,7 @@ previous item in its topic chain (a sequential signal), else an item of one of t
 topics drawn by popularity (a taste signal). Item text names the topic with its own words,
 so a text tower can learn what the id tower must memorise.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -125,7 +126,9 @@ class _Catalog:
         return int(rng.choice(pool, p=self.popularity[pool] / self.popularity[pool].sum()))
 
 
-def _walk(catalog: _Catalog, liked: np.ndarray, lengths: np.ndarray, p_follow: float, rng: np.random.Generator, tries: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def _walk(
+    catalog: _Catalog, liked: np.ndarray, lengths: np.ndarray, p_follow: float, rng: np.random.Generator, tries: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     """Every user's sequence, one step for all users at a time: follow the chain from the previous
     item with ``p_follow``, else (or when that item was seen) draw by popularity from a liked topic
     an item the user has not seen. Draws that hit a seen item are retried (``tries`` times by

@@ -18,6 +18,7 @@ Layout (format ``towerrec.model_bundle``, version 1)::
 ``load_bundle`` needs no dataset, no Hydra and no Ray. A bundle is written to a temporary
 folder and renamed into place, so a reader never sees half of one.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -381,11 +382,16 @@ def _read_users(path: Path, num_items: int) -> UserTable:
     return UserTable(np.asarray(table["user_id"].to_pylist(), dtype=object), histories)
 
 
-def _build_model(folder: Path, spec: dict[str, Any], catalog_path: Path, tokens: np.ndarray | None, cold: np.ndarray, device: str | torch.device) -> TwoTowerModel:
+def _build_model(
+    folder: Path, spec: dict[str, Any], catalog_path: Path, tokens: np.ndarray | None, cold: np.ndarray, device: str | torch.device
+) -> TwoTowerModel:
     """The model of ``spec`` with the bundle's weights, in eval mode on ``device``."""
     has_encoder = spec["item_tower"].get("encoder") is not None
     if has_encoder != (tokens is not None):
-        raise BundleError(catalog_path, f"token_ids are {'missing' if has_encoder else 'present'}, but spec.json's item tower {'has' if has_encoder else 'has no'} text encoder")
+        raise BundleError(
+            catalog_path,
+            f"token_ids are {'missing' if has_encoder else 'present'}, but spec.json's item tower {'has' if has_encoder else 'has no'} text encoder",
+        )
     try:
         model = build_from_spec(spec, *(tokens if tokens is not None else (None, None)))
     except (KeyError, TypeError, ValueError) as e:

@@ -4,6 +4,7 @@ Plain functions, usable in this process or inside Ray actors (``jobs.batch_infer
 Embeddings are the model's own outputs (``catalog``/``user_vectors``, normalised when the model
 normalises); a score is their inner product divided by the model's temperature.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
@@ -111,7 +112,9 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + batch_size))
 
 
-def embed_catalog(model: TwoTowerModel, num_items: int, batch_size: int, progress: Callable[[int], None] | None = None, encoded: Encoded | None = None) -> np.ndarray:
+def embed_catalog(
+    model: TwoTowerModel, num_items: int, batch_size: int, progress: Callable[[int], None] | None = None, encoded: Encoded | None = None
+) -> np.ndarray:
     """Every item's vector in this process, ``batch_size`` items at a time: [num_items, dim].
     ``encoded``: the catalog's text encodings when already computed."""
     encoded = encoded if encoded is not None else encode_catalog_text(model)
@@ -123,7 +126,9 @@ def embed_catalog(model: TwoTowerModel, num_items: int, batch_size: int, progres
     return np.concatenate(out) if out else np.zeros((0, model.item_tower.dim), dtype=np.float32)
 
 
-def embed_all_users(model: TwoTowerModel, users: UserHistories, batch_size: int, progress: Callable[[int], None] | None = None, encoded: Encoded | None = None) -> np.ndarray:
+def embed_all_users(
+    model: TwoTowerModel, users: UserHistories, batch_size: int, progress: Callable[[int], None] | None = None, encoded: Encoded | None = None
+) -> np.ndarray:
     """Every user's vector in this process, ``batch_size`` users at a time: [U, dim].
     ``encoded``: the catalog's text encodings when already computed."""
     encoded = encoded if encoded is not None else encode_catalog_text(model)

@@ -1,4 +1,5 @@
 """FAISS inner-product indexes over item vectors and top-K search that skips each user's seen items."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,5 +1,6 @@
 """``python -m jobs.dashboard [--logdir outputs] [--port 6006]``: TensorBoard over every run,
 bound to 127.0.0.1 unless ``--host`` says otherwise."""
+
 from __future__ import annotations
 
 import argparse

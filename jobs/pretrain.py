@@ -1,5 +1,6 @@
 """``python -m jobs.pretrain experiment=...``: next-item pretraining of both towers (optional MLM on
 item text); writes the run's model bundle (jobs/runtime/training/stage_job.py)."""
+
 from functools import partial
 
 from jobs.runtime.config.entry_point import hydra_main

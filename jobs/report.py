@@ -1,5 +1,6 @@
 """``python -m jobs.report <run, pipeline or sweep folder>``: one HTML page of plots and tables,
 ``<folder>/report/index.html`` (jobs/runtime/tracking/report_page.py)."""
+
 import argparse
 
 from jobs.runtime.tracking.report_page import write_report

@@ -1,4 +1,5 @@
 """Scoring users against the whole catalog, batch by batch, shared by validation and jobs.evaluate."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable

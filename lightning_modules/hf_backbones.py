@@ -1,4 +1,5 @@
 """Builders for the Hugging Face backbones of the towers (no hand-written transformer blocks)."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Item tower: a BERT-family encoder over item text, pooled and projected, plus an optional id embedding."""
+
 from __future__ import annotations
 
 import logging

@@ -12,6 +12,7 @@ gradients; the positives of each step go through the encoder as before. With
 fresh encoding scores (only the encoder's gradient through the negatives is left out).
 ``RetrievalModule.next_item_loss`` merges the bank's encodings with the fresh ones (``merge``).
 """
+
 from __future__ import annotations
 
 import torch

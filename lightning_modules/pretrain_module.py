@@ -1,4 +1,5 @@
 """Pretraining: causal next-item prediction at every position, plus optional MLM on item text."""
+
 from __future__ import annotations
 
 import torch
@@ -8,7 +9,9 @@ from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 from lightning_modules.retrieval_module import RetrievalModule
 
 
-def mask_tokens(ids: torch.Tensor, attention: torch.Tensor, special: torch.Tensor, mask_id: int, vocab: int, probability: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    ids: torch.Tensor, attention: torch.Tensor, special: torch.Tensor, mask_id: int, vocab: int, probability: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: pick ``probability`` of real, non-special tokens; 80% [MASK], 10% random, 10% kept.
 
     Returns (masked input ids, labels with -100 where nothing is predicted).
@@ -28,7 +31,16 @@ class PretrainModule(RetrievalModule):
     """Next-item pretraining of both towers; ``mlm_weight`` > 0 adds masked-language modelling
     of item text on the item tower's encoder (which then must have trainable layers)."""
 
-    def __init__(self, *args, mlm_weight: float = 0.0, mlm_probability: float = 0.15, mlm_batch_items: int = 64, mask_token_id: int | None = None, special_token_ids: tuple[int, ...] = (), **kwargs):
+    def __init__(
+        self,
+        *args,
+        mlm_weight: float = 0.0,
+        mlm_probability: float = 0.15,
+        mlm_batch_items: int = 64,
+        mask_token_id: int | None = None,
+        special_token_ids: tuple[int, ...] = (),
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.mlm_weight = mlm_weight
         self.mlm_probability = mlm_probability
@@ -37,7 +49,9 @@ class PretrainModule(RetrievalModule):
         if mlm_weight > 0:
             encoder = self.model.item_tower.encoder
             if encoder is None or self.model.item_tower.encoder_frozen:
-                raise ValueError("pretrain.mlm_weight > 0 needs a text encoder with trainable layers (model.item_tower.freeze_encoder=false or model.item_tower.unfreeze_top_layers > 0)")
+                raise ValueError(
+                    "pretrain.mlm_weight > 0 needs a text encoder with trainable layers (model.item_tower.freeze_encoder=false or model.item_tower.unfreeze_top_layers > 0)"
+                )
             if mask_token_id is None:
                 raise ValueError("MLM needs the tokenizer's mask token id")
             self.mlm_head = BertOnlyMLMHead(encoder.config)

@@ -4,6 +4,7 @@ Ranking is over the whole catalog with the user's seen items removed. Ties count
 the model (the target ranks below every other item of equal score) and a NaN score never
 counts as a hit, so a constant or broken model scores zero rather than high.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """What the pretraining and fine-tuning LightningModules share: the next-item objective,
 full-ranking validation and the optimiser."""
+
 from __future__ import annotations
 
 import logging

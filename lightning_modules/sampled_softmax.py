@@ -1,4 +1,5 @@
 """Softmax losses over the catalog: sampled (in-batch + sampled negatives, logQ corrected) or full."""
+
 from __future__ import annotations
 
 import torch
@@ -74,7 +75,9 @@ class SampledSoftmaxLoss(nn.Module):
         # the first item whose cumulative weight exceeds u: item i with probability weight_i / total
         return torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.last_allowed)
 
-    def candidates(self, positives: torch.Tensor, generator: torch.Generator | None = None, sampled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def candidates(
+        self, positives: torch.Tensor, generator: torch.Generator | None = None, sampled: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(unique candidate items [C], label of each positive in them [M], log Q of each candidate [C]).
 
         ``sampled``: negatives drawn from the proposal already (a bank of them), instead of

@@ -9,6 +9,7 @@ moments, where dense AdamW would decay the moments and keep moving the row by it
 The step count (bias correction) is the parameter's, so a row present in every step gets
 exactly dense AdamW's update.
 """
+
 from __future__ import annotations
 
 import math

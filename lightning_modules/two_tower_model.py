@@ -1,4 +1,5 @@
 """The two towers together: score(user, item) = <u, v> / temperature (optionally on unit vectors)."""
+
 from __future__ import annotations
 
 import torch

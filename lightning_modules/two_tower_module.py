@@ -1,4 +1,5 @@
 """Two-tower retrieval fine-tuning, starting from pretrained tower weights."""
+
 from __future__ import annotations
 
 import logging
@@ -26,5 +27,7 @@ class TwoTowerModule(RetrievalModule):
             state_dict = {**state_dict, key: grown}
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{source}: pretrained weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]}); were both stages run with the same model config?")
+            raise ValueError(
+                f"{source}: pretrained weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]}); were both stages run with the same model config?"
+            )
         log.info("fine-tune: initialised from %s", source or "pretrained weights")

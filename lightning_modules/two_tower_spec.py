@@ -5,6 +5,7 @@ parameter shapes (the Hugging Face configs of both backbones included), as JSON-
 ``build_from_spec`` rebuilds it with fresh weights, for a state dict to be loaded into. Neither
 needs the pretrained checkpoint the encoder came from, the dataset or the training config.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """User tower: GPT-2 over the sequence of item vectors (``inputs_embeds``), projected to ``dim``."""
+
 from __future__ import annotations
 
 import torch

@@ -13,6 +13,7 @@ Token authentication is on: the token is read from ``RAY_AUTH_TOKEN_PATH`` or
 ``~/.ray/auth_token`` and created there if missing. Clients (``ray job submit``, jobs joining with
 ``cluster.address``) need ``RAY_AUTH_MODE=token`` in their environment.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,18 +65,32 @@ def node_command(i: int, args: argparse.Namespace, temp_dir: Path, taken: set[in
     low = 20000 + 1000 * i  # each node's workers get their own range of ports
     taken.update({node_manager, object_manager, agent_http, agent_grpc, metrics, runtime_env, client})
     cmd = [
-        ray_executable(), "start", "--block", "--disable-usage-stats", f"--node-ip-address={HOST}",
-        f"--num-cpus={args.cpus_per_node}", "--num-gpus=0", f"--temp-dir={temp_dir}",
-        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-        f"--min-worker-port={low}", f"--max-worker-port={low + 999}",
+        ray_executable(),
+        "start",
+        "--block",
+        "--disable-usage-stats",
+        f"--node-ip-address={HOST}",
+        f"--num-cpus={args.cpus_per_node}",
+        "--num-gpus=0",
+        f"--temp-dir={temp_dir}",
+        f"--node-manager-port={node_manager}",
+        f"--object-manager-port={object_manager}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--min-worker-port={low}",
+        f"--max-worker-port={low + 999}",
         f"--resources={json.dumps({f'local_node_{i}': 1})}",
     ]
     if i == 0:
         cmd += [
-            "--head", f"--port={args.port}", "--include-dashboard=true", f"--dashboard-host={HOST}",
-            f"--dashboard-port={args.dashboard_port}", f"--ray-client-server-port={client}",
+            "--head",
+            f"--port={args.port}",
+            "--include-dashboard=true",
+            f"--dashboard-host={HOST}",
+            f"--dashboard-port={args.dashboard_port}",
+            f"--ray-client-server-port={client}",
         ]
     else:
         cmd += [f"--address={HOST}:{args.port}"]
@@ -173,7 +188,11 @@ def alive(pid: int) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["up", "down"])
-    parser.add_argument("--dir", default=os.environ.get("TOWERREC_CLUSTER_DIR", "/tmp/towerrec-cluster"), help="state, logs and each node's Ray temp dir (default $TOWERREC_CLUSTER_DIR or /tmp/towerrec-cluster)")
+    parser.add_argument(
+        "--dir",
+        default=os.environ.get("TOWERREC_CLUSTER_DIR", "/tmp/towerrec-cluster"),
+        help="state, logs and each node's Ray temp dir (default $TOWERREC_CLUSTER_DIR or /tmp/towerrec-cluster)",
+    )
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--cpus-per-node", type=int, default=2)
     parser.add_argument("--port", type=int, default=6391, help="the head's GCS port")

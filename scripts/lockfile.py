@@ -9,6 +9,7 @@ editing a comment or the description does not make the lock stale; adding, remov
 requirement does. tests/unit/test_lockfile.py runs the same checks on the tree and on the installed
 environment.
 """
+
 from __future__ import annotations
 
 import configparser

@@ -4,6 +4,7 @@ Ray Serve deployment. OpenAPI at /openapi.json (and /docs); Prometheus text at /
 Every refused request gets a 4xx with ``{"error": <what is wrong>, "field": <where>}`` and
 leaves the service and its state as they were.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -101,7 +102,9 @@ async def _send_json(send, status: int, body: dict) -> None:
     import json
 
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]}
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -116,11 +119,16 @@ def _field_of(loc: tuple) -> str:
 def create_app(service: Recommender, admin_token: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
     """The API over ``service``. With ``admin_token`` set, /admin/* and /items need
     ``Authorization: Bearer <token>``."""
-    app = FastAPI(title="towerrec", version="1", summary="Real-time two-tower recommendations: recommend, learn from events, add items, explain, generate feeds")
+    app = FastAPI(
+        title="towerrec", version="1", summary="Real-time two-tower recommendations: recommend, learn from events, add items, explain, generate feeds"
+    )
     registry = CollectorRegistry()
     requests = Counter("towerrec_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=registry)
     latency = Histogram(
-        "towerrec_request_seconds", "HTTP request latency by endpoint", ["endpoint"], registry=registry,
+        "towerrec_request_seconds",
+        "HTTP request latency by endpoint",
+        ["endpoint"],
+        registry=registry,
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
     )
     events = Counter("towerrec_events_ingested_total", "events acknowledged (durably logged)", registry=registry)

@@ -7,6 +7,7 @@ happened (an event on a new item comes after that item). A last line cut short b
 never acknowledged: it is dropped on open, with a warning. Also what ``jobs.update`` reads
 (offsets since a bundle was made).
 """
+
 from __future__ import annotations
 
 import json

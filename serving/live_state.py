@@ -5,6 +5,7 @@ One process serves from a ``LiveState`` directly; Ray Serve replicas share one t
 actor (``RemoteLiveState``), so an event ingested by one replica is in the next answer of every
 other, and the log has one writer.
 """
+
 from __future__ import annotations
 
 import threading

@@ -5,6 +5,7 @@ Every request works on one immutable snapshot of the model (``ServingModel``); a
 the next snapshot beside the serving one and swaps a reference, so no request ever sees half of
 a reload. New items grow the serving snapshot under its write lock; requests hold its read lock.
 """
+
 from __future__ import annotations
 
 import logging
@@ -93,7 +94,6 @@ class Batcher:
                 for _, hs, future in group:
                     future.set_result(vectors[start : start + len(hs)])
                     start += len(hs)
-
 
     def stop(self) -> None:
         """End the thread once the requests already queued are answered."""
@@ -520,19 +520,23 @@ class Recommender:
 
     def health(self) -> dict[str, Any]:
         m = self._model
-        return self.state.stats() | {
-            "status": "ok",
-            "bundle": str(self.bundle_path),
-            "model_version": m.version,
-            "model_age_seconds": model_age_seconds(m),
-            "serving_seconds": time.time() - m.loaded_at,
-            "items": m.num_items,
-            "known_users": len(m.bundle.users.user_ids),
-            "user_cache_hits": self.cache_hits,
-            "user_cache_misses": self.cache_misses,
-            "batches": self.batcher.batches,
-            "batched_rows": self.batcher.rows,
-        } | {f"update_{k}": v for k, v in self.update_stats.items()}
+        return (
+            self.state.stats()
+            | {
+                "status": "ok",
+                "bundle": str(self.bundle_path),
+                "model_version": m.version,
+                "model_age_seconds": model_age_seconds(m),
+                "serving_seconds": time.time() - m.loaded_at,
+                "items": m.num_items,
+                "known_users": len(m.bundle.users.user_ids),
+                "user_cache_hits": self.cache_hits,
+                "user_cache_misses": self.cache_misses,
+                "batches": self.batcher.batches,
+                "batched_rows": self.batcher.rows,
+            }
+            | {f"update_{k}": v for k, v in self.update_stats.items()}
+        )
 
     def close(self) -> None:
         self.batcher.stop()

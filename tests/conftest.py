@@ -1,4 +1,5 @@
 """Shared fixtures: configs composed from conf/ into a temporary root, tiny synthetic data."""
+
 from __future__ import annotations
 
 import os

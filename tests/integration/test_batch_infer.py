@@ -1,4 +1,5 @@
 """jobs.batch_infer end to end on a tiny trained pipeline: in process and on Ray Data actors."""
+
 from __future__ import annotations
 
 import json

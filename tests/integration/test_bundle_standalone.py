@@ -1,6 +1,7 @@
 """A trained model travels as its bundle alone: with the data folder, the download cache and the
 run's other files gone, it loads, scores exactly like the live model did, and batch inference
 runs from it unchanged."""
+
 from __future__ import annotations
 
 import shutil

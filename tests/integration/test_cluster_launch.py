@@ -6,6 +6,7 @@ killed worker with its checkpoints and outputs on the shared folder, and jobs th
 cluster cannot place failing at once with the shortfall named.
 
 Each test stops only the nodes it started; the Ray token lives in the test's own folder."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,15 @@ def free_port() -> int:
 
 
 def cluster_env(folder: Path) -> dict:
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(folder / "token"), TOWERREC_CLUSTER_DIR=str(folder),
-               WANDB_MODE="disabled", PYTHONFAULTHANDLER="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(folder / "token"),
+        TOWERREC_CLUSTER_DIR=str(folder),
+        WANDB_MODE="disabled",
+        PYTHONFAULTHANDLER="1",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -57,8 +65,25 @@ def cluster_folder():
 
 def start_two_nodes(folder: Path, env: dict) -> str:
     port = free_port()
-    up = subprocess.run([sys.executable, str(ROOT / "scripts" / "local_cluster.py"), "up", "--nodes", "2", "--cpus-per-node", "2",
-                         "--port", str(port), "--dashboard-port", str(free_port())], env=env, capture_output=True, text=True, timeout=180)
+    up = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "local_cluster.py"),
+            "up",
+            "--nodes",
+            "2",
+            "--cpus-per-node",
+            "2",
+            "--port",
+            str(port),
+            "--dashboard-port",
+            str(free_port()),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert up.returncode == 0, up.stdout + up.stderr
     return f"127.0.0.1:{port}"
 
@@ -85,7 +110,7 @@ def two_nodes_shared():
 def readme_recipe() -> list[str]:
     """The commands of the README's two-node recipe, one per entry (continuation lines joined)."""
     text = README.read_text()
-    block = re.search(r"```bash\n(.*?)```", text[text.index(RECIPE_HEADING):], re.S).group(1)
+    block = re.search(r"```bash\n(.*?)```", text[text.index(RECIPE_HEADING) :], re.S).group(1)
     return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
 
 
@@ -125,9 +150,13 @@ def test_the_readmes_two_node_recipe_runs_as_written(cluster_dir):
     assert commands[0].startswith(". .venv/bin/activate") and commands[-1] == "python scripts/local_cluster.py down"
 
     def as_run_here(command: str) -> str:  # the same commands, on free ports, in this test's folder
-        return (command.replace(". .venv/bin/activate", f". {BIN}/activate").replace("--port 6391", f"--port {port}")
-                .replace("127.0.0.1:6391", f"127.0.0.1:{port}").replace("8265", str(dashboard))
-                .replace("/tmp/towerrec-cluster", str(folder)))
+        return (
+            command.replace(". .venv/bin/activate", f". {BIN}/activate")
+            .replace("--port 6391", f"--port {port}")
+            .replace("127.0.0.1:6391", f"127.0.0.1:{port}")
+            .replace("8265", str(dashboard))
+            .replace("/tmp/towerrec-cluster", str(folder))
+        )
 
     script = "set -euo pipefail\n" + "\n".join(as_run_here(c) for c in commands[:-1])
     started = time.time()
@@ -174,8 +203,17 @@ def test_the_readmes_two_node_recipe_runs_as_written(cluster_dir):
 
 def stage_command(address: str, shared: Path, *overrides: str) -> list[str]:
     return [
-        sys.executable, "-m", "jobs.pretrain", "experiment=tiny", "launcher=ray", "cluster=remote", f"cluster.address={address}",
-        f"paths.root_dir={shared}/root", f"cluster.storage_path={shared}/ray", "logger=none", *overrides,
+        sys.executable,
+        "-m",
+        "jobs.pretrain",
+        "experiment=tiny",
+        "launcher=ray",
+        "cluster=remote",
+        f"cluster.address={address}",
+        f"paths.root_dir={shared}/root",
+        f"cluster.storage_path={shared}/ray",
+        "logger=none",
+        *overrides,
     ]
 
 
@@ -183,9 +221,19 @@ def test_two_workers_on_two_nodes_survive_a_killed_worker_with_outputs_on_shared
     folder, env, address = two_nodes
     shared, elsewhere = folder / "shared", folder / "cwd"
     elsewhere.mkdir()
-    cmd = stage_command(address, shared, "strategy=ddp", "hardware.num_workers=2", "hardware.cpus_per_worker=2", "pretrain.max_epochs=4",
-                        "data.batch_size=32", "trainer.max_failures=1", "debug.record_losses=true", "run_name=two-nodes",
-                        "strategy.collective_timeout_s=120")
+    cmd = stage_command(
+        address,
+        shared,
+        "strategy=ddp",
+        "hardware.num_workers=2",
+        "hardware.cpus_per_worker=2",
+        "pretrain.max_epochs=4",
+        "data.batch_size=32",
+        "trainer.max_failures=1",
+        "debug.record_losses=true",
+        "run_name=two-nodes",
+        "strategy.collective_timeout_s=120",
+    )
     job = subprocess.Popen(cmd, cwd=elsewhere, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # once the first epoch's checkpoint is on the shared storage, kill the worker on the other node

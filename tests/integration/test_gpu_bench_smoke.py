@@ -2,6 +2,7 @@
 image's packages exist: a CPU smoke run in a process that cannot import Ray, Hydra, OmegaConf,
 wandb, FAISS, pandas or pyarrow, for the plain loop (with the profiler, the shared encoding and the
 bank) and for DeepSpeed ZeRO-3 with CPU offload and activation checkpointing."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,14 @@ def test_the_gpu_bench_runs_without_the_packages_the_gpu_image_lacks(args, tmp_p
     out = tmp_path / "result.json"
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     env = os.environ | {"PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    run = subprocess.run([sys.executable, str(bare), ",".join(NOT_ON_THE_GPU_IMAGE), *SMOKE, *args, "--json", str(out)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(bare), ",".join(NOT_ON_THE_GPU_IMAGE), *SMOKE, *args, "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["strategy"] == args[1] and result["timed_steps"] == 2

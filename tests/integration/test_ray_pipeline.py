@@ -1,4 +1,5 @@
 """The whole pipeline on Ray with DeepSpeed ZeRO-2 and two CPU workers (issue's done-when command)."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,17 @@ from inference.bundle import read_manifest
 
 def test_pipeline_on_ray_with_deepspeed_writes_every_file(tiny_cfg):
     cfg = tiny_cfg(
-        "pipeline", "launcher=ray", "strategy=deepspeed_stage_2", "hardware=cpu", "hardware.num_workers=2",
-        "cluster.num_cpus=4", "strategy.collective_timeout_s=120", "infer.use_ray=true", "infer.num_actors=2", "pretrain.max_epochs=2", "finetune.max_epochs=2",
+        "pipeline",
+        "launcher=ray",
+        "strategy=deepspeed_stage_2",
+        "hardware=cpu",
+        "hardware.num_workers=2",
+        "cluster.num_cpus=4",
+        "strategy.collective_timeout_s=120",
+        "infer.use_ray=true",
+        "infer.num_actors=2",
+        "pretrain.max_epochs=2",
+        "finetune.max_epochs=2",
         "data.batch_size=16",
     )
     from jobs import pipeline

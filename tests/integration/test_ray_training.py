@@ -1,5 +1,6 @@
 """Ray Train with real Ray and real DeepSpeed on CPU: 2 workers, ddp / ZeRO-2 / ZeRO-3,
 consolidation into the model bundle, 1-vs-2-worker equivalence, and recovery from a killed worker."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,14 @@ def best_validated_epoch(run_dir: Path) -> int:
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2", "deepspeed_stage_3"])
 def test_two_workers_train_and_the_consolidated_checkpoint_scores_like_the_live_model(strategy, tiny_cfg):
     cfg = tiny_cfg(
-        "pretrain", *RAY, f"strategy={strategy}", "hardware.num_workers=2", "pretrain.max_epochs=2",
-        "data.batch_size=16", "debug.record_losses=true", "debug.record_scores=true",
+        "pretrain",
+        *RAY,
+        f"strategy={strategy}",
+        "hardware.num_workers=2",
+        "pretrain.max_epochs=2",
+        "data.batch_size=16",
+        "debug.record_losses=true",
+        "debug.record_scores=true",
     )
     metrics = run_stage_job(cfg, "pretrain")
     run_dir = Path(cfg.paths.output_dir)
@@ -53,13 +60,26 @@ def test_ddp_one_and_two_workers_give_the_same_first_losses(two_sparse, tiny_cfg
     the rows of the step (SparseRowAdamW); the full softmax uses every row in every step, so
     their losses are those of one worker with the dense table."""
     same = [
-        *RAY, "strategy=ddp", "pretrain.max_epochs=1", "trainer.limit_train_batches=3", "debug.record_losses=true",
-        "data.train_windows=last", "data.reader.min_len=24", "data.reader.max_len=30",
-        "model.item_tower.dropout=0", "model.user_tower.dropout=0",
+        *RAY,
+        "strategy=ddp",
+        "pretrain.max_epochs=1",
+        "trainer.limit_train_batches=3",
+        "debug.record_losses=true",
+        "data.train_windows=last",
+        "data.reader.min_len=24",
+        "data.reader.max_len=30",
+        "model.item_tower.dropout=0",
+        "model.user_tower.dropout=0",
     ]
     one = tiny_cfg("pretrain", *same, "hardware.num_workers=1", "data.batch_size=16")
-    two = tiny_cfg("pretrain", *same, "hardware.num_workers=2", "data.batch_size=8", f"model.item_tower.sparse_ids={two_sparse}",
-                   "paths.output_dir=" + str(Path(one.paths.output_dir).parent / "two"))
+    two = tiny_cfg(
+        "pretrain",
+        *same,
+        "hardware.num_workers=2",
+        "data.batch_size=8",
+        f"model.item_tower.sparse_ids={two_sparse}",
+        "paths.output_dir=" + str(Path(one.paths.output_dir).parent / "two"),
+    )
     run_stage_job(one, "pretrain")
     run_stage_job(two, "pretrain")
     single = [x["loss"] for x in losses(Path(one.paths.output_dir), 0)]
@@ -70,8 +90,16 @@ def test_ddp_one_and_two_workers_give_the_same_first_losses(two_sparse, tiny_cfg
 
 def test_a_killed_worker_resumes_from_the_latest_checkpoint(tiny_cfg):
     cfg = tiny_cfg(
-        "pretrain", *RAY, "strategy=ddp", "hardware.num_workers=2", "pretrain.max_epochs=3", "data.batch_size=32",
-        "debug.record_losses=true", "debug.fail_at_step=6", "debug.fail_rank=1", "trainer.max_failures=1",
+        "pretrain",
+        *RAY,
+        "strategy=ddp",
+        "hardware.num_workers=2",
+        "pretrain.max_epochs=3",
+        "data.batch_size=32",
+        "debug.record_losses=true",
+        "debug.fail_at_step=6",
+        "debug.fail_rank=1",
+        "trainer.max_failures=1",
     )
     metrics = run_stage_job(cfg, "pretrain")
     run_dir = Path(cfg.paths.output_dir)

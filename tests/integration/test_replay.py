@@ -1,5 +1,6 @@
 """jobs.replay end to end on tiny synthetic data: a time cut, training before it, the stream
 after it played against the service's core in three variants, with new items added live."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,17 @@ from tests.conftest import TINY, compose_config
 def test_replay_plays_the_stream_in_every_variant(tmp_path):
     cfg = compose_config(
         "replay",
-        [*TINY, "pretrain.max_epochs=2", "finetune.max_epochs=2", "data.batch_size=16", "replay.cutoff_quantile=0.7", "replay.update_every=150",
-         "replay.buckets=4", "update.max_epochs=1", f"paths.output_dir={tmp_path}/replay"],
+        [
+            *TINY,
+            "pretrain.max_epochs=2",
+            "finetune.max_epochs=2",
+            "data.batch_size=16",
+            "replay.cutoff_quantile=0.7",
+            "replay.update_every=150",
+            "replay.buckets=4",
+            "update.max_epochs=1",
+            f"paths.output_dir={tmp_path}/replay",
+        ],
         tmp_path,
     )
     metrics = run_replay(cfg)

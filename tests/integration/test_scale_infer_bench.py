@@ -1,4 +1,5 @@
 """bench/scale_infer.py (stage ``infer`` of bench/scale.py) at a tiny size: real bundle, real Ray Data, real FAISS."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """bench/scale_train.py's quick mode: real fine-tuning runs on Ray Train at two tiny catalogs."""
+
 from __future__ import annotations
 
 import sys

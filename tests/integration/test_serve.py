@@ -1,5 +1,6 @@
 """The real-time service over real HTTP on loopback: a server process started as a user starts it
 (``python -m jobs.serve``) on a tiny trained bundle. Every loop here is bounded."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,17 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [
-            sys.executable, "-m", "jobs.serve", f"serve.bundle={bundle}", f"serve.port={self.port}", f"serve.host={host}",
-            f"serve.state_dir={state}", f"serve.max_body_bytes={MAX_BODY}", f"paths.root_dir={root}", "logger=none", *extra,
+            sys.executable,
+            "-m",
+            "jobs.serve",
+            f"serve.bundle={bundle}",
+            f"serve.port={self.port}",
+            f"serve.host={host}",
+            f"serve.state_dir={state}",
+            f"serve.max_body_bytes={MAX_BODY}",
+            f"paths.root_dir={root}",
+            "logger=none",
+            *extra,
         ]
         env = {**os.environ, "WANDB_MODE": "disabled"}
         env.pop("TOWERREC_ADMIN_TOKEN", None)
@@ -73,10 +83,20 @@ class Server:
 def trained(tmp_path_factory) -> dict:
     """A tiny pipeline trained once (local, no Ray): its folders and its bundle."""
     root = tmp_path_factory.mktemp("serve")
-    cfg = compose_config("pipeline", [*TINY, "pretrain.max_epochs=2", "finetune.max_epochs=2", "data.batch_size=16", "pipeline.batch_infer=false", f"paths.output_dir={root}/pipeline"], root)
+    cfg = compose_config(
+        "pipeline",
+        [*TINY, "pretrain.max_epochs=2", "finetune.max_epochs=2", "data.batch_size=16", "pipeline.batch_infer=false", f"paths.output_dir={root}/pipeline"],
+        root,
+    )
     pipeline.run(cfg)
     run = root / "pipeline"
-    return {"root": root, "run": run, "finetune": run / "finetune" / "bundle", "pretrain": run / "pretrain" / "bundle", "bundle": load_bundle(run / "finetune" / "bundle")}
+    return {
+        "root": root,
+        "run": run,
+        "finetune": run / "finetune" / "bundle",
+        "pretrain": run / "pretrain" / "bundle",
+        "bundle": load_bundle(run / "finetune" / "bundle"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +175,9 @@ def test_bad_input_is_refused_naming_the_field_and_changes_nothing(server, path,
 def test_malformed_and_oversized_bodies(server):
     r = requests.post(server.url + "/recommend", data=b'{"history": ["i1"', headers={"content-type": "application/json"}, timeout=10)
     assert r.status_code == 400 and r.json()["field"] == "body" and "malformed JSON" in r.json()["error"]
-    r = requests.post(server.url + "/events", data=json.dumps({"user_id": "x" * MAX_BODY, "item_id": "i1"}), headers={"content-type": "application/json"}, timeout=10)
+    r = requests.post(
+        server.url + "/events", data=json.dumps({"user_id": "x" * MAX_BODY, "item_id": "i1"}), headers={"content-type": "application/json"}, timeout=10
+    )
     assert r.status_code == 413 and r.json()["field"] == "body"
     chunks = (b"x" * 1024 for _ in range(8))  # no Content-Length: counted as it streams in
     r = requests.post(server.url + "/events", data=chunks, headers={"content-type": "application/json"}, timeout=10)

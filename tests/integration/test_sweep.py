@@ -1,5 +1,6 @@
 """A 4-trial ASHA sweep on 2 CPUs with real Ray Tune + Train, offline wandb per trial, the
 report, Hydra multirun and the TensorBoard dashboard."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,15 @@ from jobs.runtime.tracking.wandb_offline import logged
 from tests.conftest import CONF, ROOT, TINY, compose_config
 
 SWEEP = [
-    "sweep=tiny", *TINY, "strategy=ddp", "logger=default", "finetune.max_epochs=3", "data.batch_size=8",
-    "cluster.num_cpus=2", "hardware.cpus_per_worker=1", "init_from=null",
+    "sweep=tiny",
+    *TINY,
+    "strategy=ddp",
+    "logger=default",
+    "finetune.max_epochs=3",
+    "data.batch_size=8",
+    "cluster.num_cpus=2",
+    "hardware.cpus_per_worker=1",
+    "init_from=null",
 ]
 
 
@@ -107,7 +115,9 @@ def free_port() -> int:
 
 def test_dashboard_serves_tensorboard_on_loopback(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.dashboard", "--logdir", str(tmp_path), "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.dashboard", "--logdir", str(tmp_path), "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline, status = time.monotonic() + 60, None
         while time.monotonic() < deadline and status is None:

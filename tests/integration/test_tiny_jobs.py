@@ -1,4 +1,5 @@
 """The jobs end to end on tiny synthetic data: run folders, files of DESIGN.md section 4, accuracy."""
+
 from __future__ import annotations
 
 import json
@@ -90,14 +91,18 @@ def test_three_commands_from_the_shell(tmp_path):
 
 def test_bad_override_fails_fast_with_the_key(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "TOWERREC_ROOT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "jobs.pretrain", "experiment=tiny", "trainer.max_epoch=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.pretrain", "experiment=tiny", "trainer.max_epoch=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0
     assert "max_epoch" in proc.stderr and "TrainerConfig" in proc.stderr
     assert not (tmp_path / "outputs").exists()
 
 
 def test_cold_start_items_are_ranked_from_text_alone(tiny_cfg):
-    cfg = tiny_cfg("pipeline", "pretrain.enabled=false", "finetune.max_epochs=4", "data.batch_size=16", "data.cold_start.num_items=8", "pipeline.batch_infer=false")
+    cfg = tiny_cfg(
+        "pipeline", "pretrain.enabled=false", "finetune.max_epochs=4", "data.batch_size=16", "data.cold_start.num_items=8", "pipeline.batch_infer=false"
+    )
     metrics = pipeline.run(cfg)
     ev = {k.removeprefix("evaluate/"): v for k, v in metrics.items() if k.startswith("evaluate/")}
     assert ev["cold_items"] == 8

@@ -2,6 +2,7 @@
 jobs.update (warm start, grown catalog, new bundle version with lineage) -> hot reload ->
 changed scores; a second update on the same log does nothing; a killed update leaves the
 served model intact; the service runs updates on its own schedule."""
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,11 @@ UPDATE = ["update.max_epochs=1", "trainer.enable_progress_bar=false"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("loop")
-    cfg = compose_config("pipeline", [*TINY, "pretrain.max_epochs=2", "finetune.max_epochs=2", "data.batch_size=16", "pipeline.batch_infer=false", f"paths.output_dir={root}/pipeline"], root)
+    cfg = compose_config(
+        "pipeline",
+        [*TINY, "pretrain.max_epochs=2", "finetune.max_epochs=2", "data.batch_size=16", "pipeline.batch_infer=false", f"paths.output_dir={root}/pipeline"],
+        root,
+    )
     pipeline.run(cfg)
     return {"root": root, "run": root / "pipeline", "bundle": root / "pipeline" / "finetune" / "bundle"}
 
@@ -84,7 +89,16 @@ def test_a_killed_update_leaves_the_served_model_intact(trained, tmp_path):
         before = server.post("/recommend", {"user_id": user, "k": 5}).json()
         served = {p.name: p.read_bytes() for p in trained["bundle"].iterdir() if p.is_file()}
         env = {**os.environ, "WANDB_MODE": "disabled"}
-        args = [sys.executable, "-m", "jobs.update", *TINY, *UPDATE, f"update.bundle={trained['bundle']}", f"update.state_dir={state}", f"paths.root_dir={tmp_path}"]
+        args = [
+            sys.executable,
+            "-m",
+            "jobs.update",
+            *TINY,
+            *UPDATE,
+            f"update.bundle={trained['bundle']}",
+            f"update.state_dir={state}",
+            f"paths.root_dir={tmp_path}",
+        ]
         killed = subprocess.run([*args, "debug.fail_at_step=1", "debug.fail_rank=0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert killed.returncode == 17, killed.stdout[-2000:] + killed.stderr[-2000:]  # died mid-training
         assert not list((tmp_path / "outputs" / "update").glob("*/bundle"))  # no half bundle
@@ -101,7 +115,9 @@ def test_a_killed_update_leaves_the_served_model_intact(trained, tmp_path):
 
 
 def test_the_service_updates_itself_on_schedule_without_failing_a_request(trained, tmp_path):
-    overrides = "[" + ",".join(f"'{o}'" for o in ("launcher=local", "strategy=auto", "logger=none", "update.max_epochs=1", "trainer.enable_progress_bar=false")) + "]"
+    overrides = (
+        "[" + ",".join(f"'{o}'" for o in ("launcher=local", "strategy=auto", "logger=none", "update.max_epochs=1", "trainer.enable_progress_bar=false")) + "]"
+    )
     server = Server(trained["root"], trained["run"], tmp_path / "state", "serve.update.every_events=5", f"serve.update.overrides={overrides}").wait_ready()
     try:
         errors, done, stop = [], [], threading.Event()

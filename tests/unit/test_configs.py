@@ -1,4 +1,5 @@
 """Every experiment composes and instantiates; a wrong key or value fails before any compute."""
+
 from __future__ import annotations
 
 import inspect

@@ -1,4 +1,5 @@
 """FAISS search against brute force on small random vectors: flat/ivf/hnsw, seen items excluded."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Pins the first training losses of a seeded tiny run: any change to data, towers, loss or
 initialisation that alters training shows up here. Update the numbers only on purpose."""
+
 from __future__ import annotations
 
 import pytest

@@ -6,6 +6,7 @@ and ``jobs.runtime`` -> ``datamodules``; each layer may also import itself and a
 down that chain. Entry points never import each other. Inside ``jobs.runtime`` the groups run one
 way too: ``stages`` -> ``training`` -> ``config`` -> ``tracking``, and ``service`` -> ``config``.
 """
+
 from __future__ import annotations
 
 import ast

@@ -1,4 +1,5 @@
 """Batch inference's output files are written in row groups: the same rows whatever the group size."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -15,8 +16,10 @@ def test_outputs_read_back_the_same_in_any_number_of_row_groups(tmp_path, monkey
     monkeypatch.setattr(batch_inference, "ROWS_PER_GROUP", rows_per_group)
     rng = np.random.default_rng(0)
     users, items, k, d = 8, 12, 4, 3
-    bundle = SimpleNamespace(users=SimpleNamespace(user_ids=np.array([f"u{i}" for i in range(users)], dtype=object)),
-                             catalog=SimpleNamespace(item_ids=np.array([f"i{i}" for i in range(items)], dtype=object)))
+    bundle = SimpleNamespace(
+        users=SimpleNamespace(user_ids=np.array([f"u{i}" for i in range(users)], dtype=object)),
+        catalog=SimpleNamespace(item_ids=np.array([f"i{i}" for i in range(items)], dtype=object)),
+    )
     ids = rng.integers(0, items, size=(users, k))
     ids[2, 2:] = -1  # a user with fewer than k unseen items
     scores = rng.standard_normal((users, k)).astype(np.float32)

@@ -1,4 +1,5 @@
 """requirements.lock is what setup.cfg asks for, and the environment is exactly the lock."""
+
 from __future__ import annotations
 
 import importlib.util

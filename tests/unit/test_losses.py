@@ -1,4 +1,5 @@
 """The sampled softmax (in-batch + sampled negatives, logQ) against a direct computation."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """The ML-100K fetcher against a local GroupLens-style archive and a local RecBole-style wheel."""
+
 from __future__ import annotations
 
 import hashlib
@@ -42,7 +43,10 @@ def recbole_wheel(tmp_path: Path) -> Path:
 
 
 def test_first_source_with_right_checksum_wins_and_is_cached(tmp_path, grouplens_zip, recbole_wheel):
-    sources = [Source("grouplens_zip", str(grouplens_zip), sha256=sha256(grouplens_zip)), Source("recbole_wheel", str(recbole_wheel), sha256=sha256(recbole_wheel))]
+    sources = [
+        Source("grouplens_zip", str(grouplens_zip), sha256=sha256(grouplens_zip)),
+        Source("recbole_wheel", str(recbole_wheel), sha256=sha256(recbole_wheel)),
+    ]
     folder, kind = fetch_ml100k(tmp_path / "cache", sources)
     assert kind == "grouplens_zip"
     assert (folder / "u.data").read_text() == U_DATA

@@ -1,5 +1,6 @@
 """The model bundle on its own: a round trip that scores identically, and clear errors naming the
 file for a newer format, a truncated or damaged file, and parts that disagree."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Masked-language modelling of item text in pretraining."""
+
 from __future__ import annotations
 
 import pytest

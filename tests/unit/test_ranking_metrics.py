@@ -1,4 +1,5 @@
 """Full-ranking metrics against hand-computed rankings: seen items removed, ties, NaN."""
+
 from __future__ import annotations
 
 import math

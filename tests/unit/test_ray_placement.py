@@ -1,5 +1,6 @@
 """The fail-fast checks of a cluster job, on described nodes (tests/integration/test_cluster_launch.py
 runs them against a real two-node cluster)."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,12 @@ def test_a_node_holds_whole_bundles_only():
 @pytest.fixture
 def cluster_cfg(tmp_path):
     def make(*overrides: str):
-        return compose_config("pretrain", ["experiment=tiny", "launcher=ray", "cluster=remote", "cluster.address=10.0.0.1:6379",
-                                           f"cluster.storage_path={tmp_path}/ray", *overrides], tmp_path)
+        return compose_config(
+            "pretrain",
+            ["experiment=tiny", "launcher=ray", "cluster=remote", "cluster.address=10.0.0.1:6379", f"cluster.storage_path={tmp_path}/ray", *overrides],
+            tmp_path,
+        )
+
     return make
 
 
@@ -43,7 +48,9 @@ def test_gpu_workers_on_a_cluster_without_gpus_fail_naming_the_hardware(cluster_
 def test_more_workers_than_the_nodes_hold_fail_naming_the_counts(cluster_cfg, monkeypatch):
     monkeypatch.setattr(ray_cluster, "alive_nodes", lambda: [node(3), node(3)])  # 6 CPUs, but 2 per node of 2
     cfg = cluster_cfg("hardware.num_workers=3", "hardware.cpus_per_worker=2")
-    with pytest.raises(PlacementError, match=r"3 Ray Train worker\(s\) of 2 CPU each \(hardware=cpu: hardware.num_workers=3, hardware.cpus_per_worker=2.*nodes hold 2"):
+    with pytest.raises(
+        PlacementError, match=r"3 Ray Train worker\(s\) of 2 CPU each \(hardware=cpu: hardware.num_workers=3, hardware.cpus_per_worker=2.*nodes hold 2"
+    ):
         check_placement(cfg, train_needs(cfg))
     ok = cluster_cfg("hardware.num_workers=2", "hardware.cpus_per_worker=2")
     check_placement(ok, train_needs(ok))  # one on each node

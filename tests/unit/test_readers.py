@@ -1,4 +1,5 @@
 """Dataset readers on small hand-made files: exact outputs, and errors that name file, line and field."""
+
 from __future__ import annotations
 
 import gzip
@@ -35,15 +36,12 @@ def items(ds: RawDataset) -> list[tuple[str, str, list[str]]]:
 
 def assert_types(ds: RawDataset) -> None:
     assert str(ds.interactions["timestamp"].dtype) == "int64"
-    for frame, col in ((ds.interactions, "user_id"), (ds.interactions, "item_id"), (ds.items, "item_id"),
-                       (ds.items, "text")):
+    for frame, col in ((ds.interactions, "user_id"), (ds.interactions, "item_id"), (ds.items, "item_id"), (ds.items, "text")):
         assert all(isinstance(v, str) for v in frame[col]), col
     assert all(isinstance(c, list) for c in ds.items["categories"])
 
 
-def check_error(
-    exc: pytest.ExceptionInfo[DataFormatError], path: Path, line: int | None, field: str | None, words: str = ""
-) -> None:
+def check_error(exc: pytest.ExceptionInfo[DataFormatError], path: Path, line: int | None, field: str | None, words: str = "") -> None:
     """The error names ``path``, ``line`` and ``field`` (as attributes and in its message) and says ``words``."""
     err = exc.value
     assert err.path == str(path)
@@ -62,21 +60,43 @@ def check_error(
 
 
 def flags(*genres: str) -> str:
-    order = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-             "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-             "War", "Western")
+    order = (
+        "unknown",
+        "Action",
+        "Adventure",
+        "Animation",
+        "Children's",
+        "Comedy",
+        "Crime",
+        "Documentary",
+        "Drama",
+        "Fantasy",
+        "Film-Noir",
+        "Horror",
+        "Musical",
+        "Mystery",
+        "Romance",
+        "Sci-Fi",
+        "Thriller",
+        "War",
+        "Western",
+    )
     return "|".join("1" if g in genres else "0" for g in order)
 
 
 CHILDRENS = "Children's"
-U_ITEM = "\n".join([
-    f"1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy%20Story%20(1995)|"
-    f"{flags('Animation', CHILDRENS, 'Comedy')}",
-    f"242|Kolya (1996)|24-Jan-1997||http://x|{flags('Comedy')}",
-    f"267|unknown||||{flags('unknown')}",
-    f"300|Misérables, Les|01-Jan-1995||http://x|{flags()}",
-    f"11|Seven (Se7en) (1995)|01-Jan-1995||http://x|{flags('Crime', 'Thriller')}",
-]) + "\n"
+U_ITEM = (
+    "\n".join(
+        [
+            f"1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy%20Story%20(1995)|{flags('Animation', CHILDRENS, 'Comedy')}",
+            f"242|Kolya (1996)|24-Jan-1997||http://x|{flags('Comedy')}",
+            f"267|unknown||||{flags('unknown')}",
+            f"300|Misérables, Les|01-Jan-1995||http://x|{flags()}",
+            f"11|Seven (Se7en) (1995)|01-Jan-1995||http://x|{flags('Crime', 'Thriller')}",
+        ]
+    )
+    + "\n"
+)
 
 U_DATA = "196\t242\t3\t881250949\n186\t1\t3.5\t891717742\n\n22\t267\t1\t878887116\n196\t1\t4\t881250949\n"
 
@@ -91,7 +111,10 @@ def test_ml100k_grouplens_exact(tmp_path: Path) -> None:
     ds = read_ml100k_grouplens(ml100k(tmp_path))
     assert ds.name == "ml-100k"
     assert interactions(ds) == [
-        ("196", "242", 881250949), ("186", "1", 891717742), ("22", "267", 878887116), ("196", "1", 881250949),
+        ("196", "242", 881250949),
+        ("186", "1", 891717742),
+        ("22", "267", 878887116),
+        ("196", "1", 881250949),
     ]
     assert items(ds) == [
         ("1", "Toy Story (1995). Genres: Animation, Children's, Comedy.", ["Animation", "Children's", "Comedy"]),
@@ -190,12 +213,7 @@ RB_ITEM = (
     "6\tNo Year Or Class\n"
     "7\tMisérables, Les\t\tDrama\n"
 )
-RB_INTER = (
-    "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
-    "196\t267\t3\t881250949\n"
-    "186\t1\t3\t891717742.0\n"
-    "186\t7\t5\t891717000\n"
-)
+RB_INTER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n196\t267\t3\t881250949\n186\t1\t3\t891717742.0\n186\t7\t5\t891717000\n"
 
 
 def recbole(tmp_path: Path, inter: str = RB_INTER, item: str = RB_ITEM) -> Path:
@@ -310,10 +328,7 @@ MOVIES_CSV = (
     "149532,Babylon 5,Sci-Fi\n"
     '200,"Quote ""Inside"" (1999) ",Drama\n'
 )
-RATINGS_CSV = (
-    "userId,movieId,rating,timestamp\n"
-    "1,11,4.0,1112486027\n1,1,3.5,1112484676\n2,149532,5.0,974820889\n1,131260,0.5,1112484580\n"
-)
+RATINGS_CSV = "userId,movieId,rating,timestamp\n1,11,4.0,1112486027\n1,1,3.5,1112484676\n2,149532,5.0,974820889\n1,131260,0.5,1112484580\n"
 
 
 def ml_csv(tmp_path: Path, ratings: str = RATINGS_CSV, movies: str = MOVIES_CSV) -> Path:
@@ -327,11 +342,13 @@ def test_ml_csv_exact(tmp_path: Path) -> None:
     ds = read_ml_csv(ml_csv(tmp_path))
     assert ds.name == "ml-25m"
     assert interactions(ds) == [
-        ("1", "11", 1112486027), ("1", "1", 1112484676), ("2", "149532", 974820889), ("1", "131260", 1112484580),
+        ("1", "11", 1112486027),
+        ("1", "1", 1112484676),
+        ("2", "149532", 974820889),
+        ("1", "131260", 1112484580),
     ]
     assert items(ds) == [
-        ("1", "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy.",
-         ["Adventure", "Animation", "Children", "Comedy", "Fantasy"]),
+        ("1", "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy.", ["Adventure", "Animation", "Children", "Comedy", "Fantasy"]),
         ("11", "American President, The (1995). Genres: Comedy, Drama, Romance.", ["Comedy", "Drama", "Romance"]),
         ("131260", "Rentun Ruusu (2001).", []),
         ("149532", "Babylon 5. Genres: Sci-Fi.", ["Sci-Fi"]),
@@ -421,8 +438,7 @@ def jsonl(path: Path, rows: list[dict | str]) -> Path:
 
 
 META_2018 = [
-    {"asin": "B001", "title": "Gentle Soap &amp; Bar", "category": ["Beauty", "Skin Care", "Soaps"],
-     "brand": "Acme", "description": ["Nice soap."]},
+    {"asin": "B001", "title": "Gentle Soap &amp; Bar", "category": ["Beauty", "Skin Care", "Soaps"], "brand": "Acme", "description": ["Nice soap."]},
     {"asin": "B002", "title": "Comb", "category": [], "description": "A comb."},
     {"asin": "B003", "category": ["Beauty"], "brand": "", "description": ["Only a description."]},
 ]
@@ -440,8 +456,7 @@ def test_amazon_2018_exact(tmp_path: Path) -> None:
     assert ds.name == "amazon2018-All_Beauty"
     assert interactions(ds) == [("A2", "B002", 1400000000), ("A1", "B001", 1300000000), ("A1", "B003", 1300000001)]
     assert items(ds) == [
-        ("B001", "Gentle Soap & Bar. Category: Beauty > Skin Care > Soaps. Brand: Acme.",
-         ["Beauty", "Skin Care", "Soaps"]),
+        ("B001", "Gentle Soap & Bar. Category: Beauty > Skin Care > Soaps. Brand: Acme.", ["Beauty", "Skin Care", "Soaps"]),
         ("B002", "Comb.", []),
         ("B003", "Only a description.. Category: Beauty.", ["Beauty"]),
     ]
@@ -450,16 +465,30 @@ def test_amazon_2018_exact(tmp_path: Path) -> None:
 
 
 META_2023 = [
-    {"parent_asin": "P1", "title": "Lipstick", "main_category": "All Beauty", "categories": [],
-     "features": ["red"], "description": [], "store": "Glam", "details": {}},
-    {"parent_asin": "P2", "title": "Brush", "main_category": None, "categories": ["Beauty", "Tools"],
-     "features": [], "description": ["A brush."], "store": "Other", "details": {"Brand": "BrushCo"}},
-    {"parent_asin": "P3", "title": "x" * 600, "main_category": "All Beauty", "categories": [],
-     "features": [], "description": []},
+    {
+        "parent_asin": "P1",
+        "title": "Lipstick",
+        "main_category": "All Beauty",
+        "categories": [],
+        "features": ["red"],
+        "description": [],
+        "store": "Glam",
+        "details": {},
+    },
+    {
+        "parent_asin": "P2",
+        "title": "Brush",
+        "main_category": None,
+        "categories": ["Beauty", "Tools"],
+        "features": [],
+        "description": ["A brush."],
+        "store": "Other",
+        "details": {"Brand": "BrushCo"},
+    },
+    {"parent_asin": "P3", "title": "x" * 600, "main_category": "All Beauty", "categories": [], "features": [], "description": []},
 ]
 REVIEWS_2023 = [
-    {"rating": 5.0, "title": "t", "text": "t", "asin": "C1", "parent_asin": "P2", "user_id": "U1",
-     "timestamp": 1588687728923, "verified_purchase": True},
+    {"rating": 5.0, "title": "t", "text": "t", "asin": "C1", "parent_asin": "P2", "user_id": "U1", "timestamp": 1588687728923, "verified_purchase": True},
     {"rating": 1.0, "asin": "C9", "parent_asin": "P1", "user_id": "U2", "timestamp": 1588615855070},
     {"rating": 4.0, "asin": "C3", "parent_asin": "P3", "user_id": "U1", "timestamp": 1588687729999},
 ]
@@ -508,12 +537,10 @@ def test_amazon_explicit_version_and_min_rating(tmp_path: Path) -> None:
         ({"reviewerID": "A9", "asin": "B001", "overall": 1.0, "unixReviewTime": "soon"}, "unixReviewTime", "integer"),
         ({"reviewerID": 7, "asin": "B001", "overall": 1.0, "unixReviewTime": 5}, "reviewerID", "string"),
         ({"reviewerID": "A9", "asin": "B001", "overall": "five", "unixReviewTime": 5}, "overall", "number"),
-        ({"reviewerID": "A9", "asin": "B404", "overall": 1.0, "unixReviewTime": 5}, "item_id",
-         "unknown item id 'B404'"),
+        ({"reviewerID": "A9", "asin": "B404", "overall": 1.0, "unixReviewTime": 5}, "item_id", "unknown item id 'B404'"),
     ],
 )
-def test_amazon_bad_review_names_line_and_field(tmp_path: Path, bad_row: dict | str, field: str | None,
-                                                words: str) -> None:
+def test_amazon_bad_review_names_line_and_field(tmp_path: Path, bad_row: dict | str, field: str | None, words: str) -> None:
     reviews = jsonl(tmp_path / "r.json.gz", [*REVIEWS_2018[:2], "", bad_row, REVIEWS_2018[2]])
     meta = jsonl(tmp_path / "m.json", META_2018)
     with pytest.raises(DataFormatError) as exc:
@@ -566,13 +593,16 @@ def test_amazon_review_file_errors(tmp_path: Path) -> None:
 
 
 def test_amazon_skip_malformed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    reviews = jsonl(tmp_path / "r.json", [
-        "{oops",  # skipped, and auto-detection looks past it
-        REVIEWS_2018[0],
-        {"reviewerID": "A9", "asin": "B404", "overall": 1.0, "unixReviewTime": 5},
-        {"reviewerID": "A9", "asin": "B001"},
-        REVIEWS_2018[1],
-    ])
+    reviews = jsonl(
+        tmp_path / "r.json",
+        [
+            "{oops",  # skipped, and auto-detection looks past it
+            REVIEWS_2018[0],
+            {"reviewerID": "A9", "asin": "B404", "overall": 1.0, "unixReviewTime": 5},
+            {"reviewerID": "A9", "asin": "B001"},
+            REVIEWS_2018[1],
+        ],
+    )
     meta = jsonl(tmp_path / "m.json", [*META_2018, {"asin": "B001", "title": "dup"}, {"title": "no asin"}])
     with caplog.at_level(logging.WARNING, logger="datamodules.amazon_reviews"):
         ds = read_amazon_reviews(reviews, meta, skip_malformed=True)

@@ -1,4 +1,5 @@
 """bench/scale.py's growth fit, its report section and a quick run of two stages."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,13 @@ def test_the_section_between_the_markers_is_replaced_and_the_rest_kept(tmp_path)
 def test_a_quick_run_of_the_data_and_index_stages_writes_rows_slopes_and_a_plot(tmp_path):
     out = tmp_path / "out"
     docs_before = (ROOT / "docs" / "benchmarks.md").read_text()
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--quick", "--stages", "data", "index", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "scale.py"), "--quick", "--stages", "data", "index", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "scale.json").read_text())
     steps = {(r["stage"], r["step"]) for r in result["rows"]}

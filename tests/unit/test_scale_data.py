@@ -1,5 +1,6 @@
 """The columnar data path (prepare, the split, the datamodule's start-up) against straightforward
 per-row and per-user references, and the data stage of bench/scale.py in quick mode."""
+
 from __future__ import annotations
 
 import sys

@@ -1,5 +1,6 @@
 """A sparse id table (model.item_tower.sparse_ids): the id embedding's gradient and AdamW update
 cover only the rows of the step, and otherwise train as the dense table does."""
+
 from __future__ import annotations
 
 import copy
@@ -114,8 +115,15 @@ def test_a_sparse_id_table_trains_through_the_lightning_module(tiny_cfg, tmp_pat
 
     runs = {}
     for sparse in ("false", "true"):
-        cfg = tiny_cfg("finetune", "finetune.max_epochs=1", "trainer.limit_train_batches=4", "data.batch_size=16", "init_from=null",
-                       f"model.item_tower.sparse_ids={sparse}", "trainer.gradient_clip_val=0.5")
+        cfg = tiny_cfg(
+            "finetune",
+            "finetune.max_epochs=1",
+            "trainer.limit_train_batches=4",
+            "data.batch_size=16",
+            "init_from=null",
+            f"model.item_tower.sparse_ids={sparse}",
+            "trainer.gradient_clip_val=0.5",
+        )
         pl.seed_everything(cfg.seed, workers=True)
         dm = build_datamodule(cfg)
         module = build_module(cfg, "finetune", build_model(cfg, dm), dm)

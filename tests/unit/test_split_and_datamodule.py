@@ -1,4 +1,5 @@
 """Preprocessing, the chronological leave-one-out split and the datamodule's batches, on hand-made data."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,14 @@ def raw(rows: list[tuple[str, str, int]], items=("a", "b", "c", "d", "e")) -> Ra
 
 
 ROWS = [
-    ("u1", "a", 10), ("u2", "b", 5), ("u1", "c", 30), ("u1", "b", 20),
-    ("u2", "d", 7), ("u2", "a", 7), ("u2", "e", 9), ("u1", "d", 30),
+    ("u1", "a", 10),
+    ("u2", "b", 5),
+    ("u1", "c", 30),
+    ("u1", "b", 20),
+    ("u2", "d", 7),
+    ("u2", "a", 7),
+    ("u2", "e", 9),
+    ("u1", "d", 30),
 ]
 
 
@@ -33,8 +40,14 @@ def test_split_is_chronological_with_file_order_breaking_ties(tmp_path):
     # u1: a(10) b(20) c(30, row 2) d(30, row 7) -> c before d by file order
     # u2: b(5) d(7, row 4) a(7, row 5) e(9)
     assert got == {
-        ("u1", "a", "train"), ("u1", "b", "train"), ("u1", "c", "valid"), ("u1", "d", "test"),
-        ("u2", "b", "train"), ("u2", "d", "train"), ("u2", "a", "valid"), ("u2", "e", "test"),
+        ("u1", "a", "train"),
+        ("u1", "b", "train"),
+        ("u1", "c", "valid"),
+        ("u1", "d", "test"),
+        ("u2", "b", "train"),
+        ("u2", "d", "train"),
+        ("u2", "a", "valid"),
+        ("u2", "e", "test"),
     }
     assert list(users) == ["u1", "u2"]  # numbered by first appearance
     assert list(items) == ["a", "b", "c", "d", "e"]  # item file order
@@ -98,6 +111,7 @@ def test_eval_batches_hold_history_target_and_seen(tmp_path):
 
 def test_cold_start_items_never_reach_training_but_stay_seen(tmp_path):
     prepare(raw(ROWS), tmp_path)
+
     # item_idx: a0 b1 c2 d3 e4; u1 = a b | c | d ; u2 = b d | a | e. Test items: d3, e4.
     def module(seed: int) -> SequenceDataModule:
         dm = SequenceDataModule(tmp_path, max_seq_len=4, cold_items=1, cold_seed=seed)

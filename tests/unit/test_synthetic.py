@@ -1,4 +1,5 @@
 """The synthetic generator: deterministic, planted structure, column-built (no object per interaction)."""
+
 from __future__ import annotations
 
 import numpy as np

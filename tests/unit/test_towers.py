@@ -1,4 +1,5 @@
 """Shapes, causality and masking of both towers; freezing and caching of the text encoder."""
+
 from __future__ import annotations
 
 import pytest
@@ -154,7 +155,9 @@ def test_id_dropout_leaves_some_items_to_their_text_in_training_only():
 
 @pytest.mark.parametrize("setup", ["trainable", "frozen", "top_layer"])
 def test_new_items_are_scored_from_text_and_old_items_unchanged(setup):
-    kwargs = {"trainable": {"freeze_encoder": False}, "frozen": {"freeze_encoder": True}, "top_layer": {"freeze_encoder": True, "unfreeze_top_layers": 1}}[setup]
+    kwargs = {"trainable": {"freeze_encoder": False}, "frozen": {"freeze_encoder": True}, "top_layer": {"freeze_encoder": True, "unfreeze_top_layers": 1}}[
+        setup
+    ]
     tower = tiny_text_tower(**kwargs).eval()
     before = tower.all_vectors()  # fills the frozen caches where there are any
     ids = torch.randint(5, 50, (3, 8))  # wider than the catalog's 6 tokens

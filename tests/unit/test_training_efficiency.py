@@ -1,6 +1,7 @@
 """What makes training cheap on accelerators stays correct: no trainable parameter without a
 gradient (DDP with find_unused_parameters=False), activation checkpointing, chunk sizes chosen
 from the device's memory, and the bank of stale negative item vectors."""
+
 from __future__ import annotations
 
 import copy

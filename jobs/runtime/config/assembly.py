@@ -1,4 +1,5 @@
 """Turns a validated config into ready objects: prepared data, datamodule, towers, LightningModule, Trainer."""
+
 from __future__ import annotations
 
 import hashlib
@@ -152,7 +153,15 @@ def build_module(cfg: DictConfig, stage: str, model: TwoTowerModel, dm: Sequence
         if s.mlm_weight > 0:
             tokenizer = load_tokenizer(cfg.model.item_tower.tokenizer)
             mask_id, specials = tokenizer.mask_token_id, tuple(tokenizer.all_special_ids)
-        return PretrainModule(model, mlm_weight=s.mlm_weight, mlm_probability=s.mlm_probability, mlm_batch_items=s.mlm_batch_items, mask_token_id=mask_id, special_token_ids=specials, **common)
+        return PretrainModule(
+            model,
+            mlm_weight=s.mlm_weight,
+            mlm_probability=s.mlm_probability,
+            mlm_batch_items=s.mlm_batch_items,
+            mask_token_id=mask_id,
+            special_token_ids=specials,
+            **common,
+        )
     return TwoTowerModule(model, **common)
 
 

@@ -1,6 +1,7 @@
 """What makes a module under ``jobs/`` an entry point: ``@hydra.main`` over ``conf/<name>.yaml``
 calling one plain ``run(cfg) -> dict[str, float]`` in Hydra's own run folder, with the console
 set up (quiet by default; ``-v`` or ``verbose=true`` for the full stream)."""
+
 from __future__ import annotations
 
 import sys

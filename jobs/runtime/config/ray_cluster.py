@@ -1,4 +1,5 @@
 """Starting or joining Ray for a job: embedded local Ray by default, a cluster by address."""
+
 from __future__ import annotations
 
 import logging
@@ -41,14 +42,24 @@ class Needs:
 def train_needs(cfg: DictConfig) -> Needs:
     hw = cfg.hardware
     gpus = (hw.gpus_per_worker or 1) if hw.accelerator == "gpu" else 0
-    return Needs("Ray Train worker", int(hw.num_workers), cpus_per_worker(cfg), gpus,
-                 f"hardware={hw.name}: hardware.num_workers={hw.num_workers}, hardware.cpus_per_worker={hw.cpus_per_worker}, hardware.gpus_per_worker={hw.gpus_per_worker if gpus else 0}")
+    return Needs(
+        "Ray Train worker",
+        int(hw.num_workers),
+        cpus_per_worker(cfg),
+        gpus,
+        f"hardware={hw.name}: hardware.num_workers={hw.num_workers}, hardware.cpus_per_worker={hw.cpus_per_worker}, hardware.gpus_per_worker={hw.gpus_per_worker if gpus else 0}",
+    )
 
 
 def infer_needs(cfg: DictConfig) -> Needs:
     i = cfg.infer
-    return Needs("Ray Data inference actor", int(i.num_actors), float(i.cpus_per_actor), float(i.gpus_per_actor),
-                 f"infer.num_actors={i.num_actors}, infer.cpus_per_actor={i.cpus_per_actor}, infer.gpus_per_actor={i.gpus_per_actor}")
+    return Needs(
+        "Ray Data inference actor",
+        int(i.num_actors),
+        float(i.cpus_per_actor),
+        float(i.gpus_per_actor),
+        f"infer.num_actors={i.num_actors}, infer.cpus_per_actor={i.cpus_per_actor}, infer.gpus_per_actor={i.gpus_per_actor}",
+    )
 
 
 def cpus_per_worker(cfg: DictConfig) -> int:
@@ -119,7 +130,10 @@ def alive_nodes() -> list[dict]:
 
 
 def describe_nodes(nodes: list[dict]) -> str:
-    return ", ".join(f"{n.get('NodeManagerAddress')} ({n['NodeID'][:8]}) {n['Resources'].get('CPU', 0):g} CPU/{n['Resources'].get('GPU', 0):g} GPU" for n in nodes) or "none"
+    return (
+        ", ".join(f"{n.get('NodeManagerAddress')} ({n['NodeID'][:8]}) {n['Resources'].get('CPU', 0):g} CPU/{n['Resources'].get('GPU', 0):g} GPU" for n in nodes)
+        or "none"
+    )
 
 
 def announce(address: str | None, dashboard_url: str | None) -> None:
@@ -156,14 +170,16 @@ def check_placement(cfg: DictConfig, needs: Needs | None, shared: Mapping[str, s
         if needs.gpus > 0 and total_gpus == 0:
             raise PlacementError(
                 f"{needs.what}s need {needs.gpus:g} GPU each ({needs.keys}), but {where} has no GPU "
-                f"(nodes: {describe_nodes(nodes)}). Use hardware=cpu, or add GPU nodes.")
+                f"(nodes: {describe_nodes(nodes)}). Use hardware=cpu, or add GPU nodes."
+            )
         placed = sum(fits_on(n["Resources"], needs) for n in nodes)
         if placed < needs.count:
             per = f"{needs.cpus:g} CPU" + (f" + {needs.gpus:g} GPU" if needs.gpus else "")
             raise PlacementError(
                 f"{needs.count} {needs.what}(s) of {per} each ({needs.keys}) do not fit on {where}: "
                 f"its nodes hold {placed} (nodes: {describe_nodes(nodes)}). Lower the count or the "
-                f"per-worker resources, or add nodes; cluster.check_resources=false waits for an autoscaler instead.")
+                f"per-worker resources, or add nodes; cluster.check_resources=false waits for an autoscaler instead."
+            )
     if address and shared:
         probe_shared_folders(nodes, shared)
 
@@ -218,7 +234,12 @@ def probe_shared_folders(nodes: list[dict], folders: Mapping[str, str]) -> None:
         return failures
 
     try:
-        refs = {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(markers, token) for n in nodes}
+        refs = {
+            f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                markers, token
+            )
+            for n in nodes
+        }
         _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
         problems = []
         for node, ref in refs.items():
@@ -234,7 +255,8 @@ def probe_shared_folders(nodes: list[dict], folders: Mapping[str, str]) -> None:
     if problems:
         raise PlacementError(
             "shared storage: cluster.storage_path and paths.root_dir must be on storage that every node mounts "
-            "(or an s3:// style URI):\n  " + "\n  ".join(problems))
+            "(or an s3:// style URI):\n  " + "\n  ".join(problems)
+        )
 
 
 def remove_markers(markers: dict[str, str]) -> None:

@@ -1,5 +1,6 @@
 """The run folder contract (DESIGN.md section 4): config.yaml, metrics.json, bundle/, run.log; and
 how jobs find other runs' bundles."""
+
 from __future__ import annotations
 
 import json
@@ -107,8 +108,12 @@ def resolve_bundle(spec: str, outputs_root: str | Path, job: str, experiment_nam
     if found is not None:
         return found
     if (path / "checkpoints" / "model.ckpt").is_file() or path.suffix == ".ckpt":
-        raise RunNotFoundError(f"config error at '{key}': {spec} holds a checkpoint of an older version (checkpoints/model.ckpt) and no model bundle; train it again with this version")
-    raise RunNotFoundError(f"config error at '{key}': {spec} is not a run folder with a model bundle ({BUNDLE_DIR}/{MANIFEST}), a pipeline run folder, a bundle folder, or 'latest'")
+        raise RunNotFoundError(
+            f"config error at '{key}': {spec} holds a checkpoint of an older version (checkpoints/model.ckpt) and no model bundle; train it again with this version"
+        )
+    raise RunNotFoundError(
+        f"config error at '{key}': {spec} is not a run folder with a model bundle ({BUNDLE_DIR}/{MANIFEST}), a pipeline run folder, a bundle folder, or 'latest'"
+    )
 
 
 def pin_hydra_output_dir(cfg: DictConfig) -> DictConfig:

@@ -3,6 +3,7 @@
 A key that is not in a schema, or a value of the wrong type, fails at composition time with
 its full name; ``validate`` adds the cross-field checks, still before any compute.
 """
+
 from __future__ import annotations
 
 import os
@@ -474,9 +475,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"config error at '{key}': {msg}")
 
     if RAY_JOB_ENV in os.environ and not os.path.isabs(str(cfg.paths.root_dir)):
-        fail("paths.root_dir", f"is '{cfg.paths.root_dir}' in a Ray job, whose current folder is Ray's temporary copy of "
-             "--working-dir (deleted with the job): set paths.root_dir=<absolute path on storage every node shares> "
-             "(or TOWERREC_ROOT in the job's runtime env)")
+        fail(
+            "paths.root_dir",
+            f"is '{cfg.paths.root_dir}' in a Ray job, whose current folder is Ray's temporary copy of "
+            "--working-dir (deleted with the job): set paths.root_dir=<absolute path on storage every node shares> "
+            "(or TOWERREC_ROOT in the job's runtime env)",
+        )
     m, d, t = cfg.model, cfg.data, cfg.trainer
     if m.dim < 1:
         fail("model.dim", f"must be >= 1, got {m.dim}")
@@ -496,11 +500,17 @@ def validate(cfg: DictConfig) -> None:
     if it.sparse_ids not in ("auto", True, False):
         fail("model.item_tower.sparse_ids", f"must be 'auto', true or false, got {it.sparse_ids!r}")
     if it.sparse_ids is True and _value(cfg.strategy.name) == "deepspeed":
-        fail("model.item_tower.sparse_ids", "DeepSpeed does not take sparse gradients: use 'auto' or false (a dense id table) with strategy=deepspeed_*, or strategy=ddp")
+        fail(
+            "model.item_tower.sparse_ids",
+            "DeepSpeed does not take sparse gradients: use 'auto' or false (a dense id table) with strategy=deepspeed_*, or strategy=ddp",
+        )
     if it.sparse_ids is True and not it.use_id_embedding:
         fail("model.item_tower.sparse_ids", "there is no id embedding to make sparse (model.item_tower.use_id_embedding=false)")
     if it.compile and not it.static_width:
-        fail("model.item_tower.compile", "torch.compile of the encoder needs model.item_tower.static_width=true (static shapes: one compilation, not one per text width)")
+        fail(
+            "model.item_tower.compile",
+            "torch.compile of the encoder needs model.item_tower.static_width=true (static shapes: one compilation, not one per text width)",
+        )
     for stage in ("pretrain", "finetune"):
         s = cfg[stage]
         if s.mlm_weight > 0 and (not it.use_text or (it.freeze_encoder and it.unfreeze_top_layers == 0)):
@@ -584,7 +594,12 @@ def _validate_serve(cfg: DictConfig, fail) -> None:
     v = cfg.serve
     if not 0 <= v.port <= 65535:
         fail("serve.port", f"must be in [0, 65535], got {v.port}")
-    for key, value, low in (("serve.replicas", v.replicas, 1), ("serve.max_history", v.max_history, 1), ("serve.explain_window", v.explain_window, 1), ("serve.max_body_bytes", v.max_body_bytes, 1024)):
+    for key, value, low in (
+        ("serve.replicas", v.replicas, 1),
+        ("serve.max_history", v.max_history, 1),
+        ("serve.explain_window", v.explain_window, 1),
+        ("serve.max_body_bytes", v.max_body_bytes, 1024),
+    ):
         if value < low:
             fail(key, f"must be >= {low}, got {value}")
     if "{items}" not in v.reason_template:

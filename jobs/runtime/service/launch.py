@@ -1,5 +1,6 @@
 """Starting the real-time service (jobs.serve): one local process (FastAPI under uvicorn), or the
 same app as a Ray Serve deployment (``serve.backend=ray``)."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -84,12 +85,20 @@ def run_serve(cfg: DictConfig) -> dict[str, float]:
 
             scheduler = UpdateScheduler(service, cfg, options["state_dir"], run_dir)
             scheduler.start()
-            say("serve: incremental updates every %s", f"{cfg.serve['update'].every_events} logged records" if cfg.serve["update"].every_events else f"{cfg.serve['update'].every_seconds} s")
+            say(
+                "serve: incremental updates every %s",
+                f"{cfg.serve['update'].every_events} logged records" if cfg.serve["update"].every_events else f"{cfg.serve['update'].every_seconds} s",
+            )
         health = service.health()
         app = create_app(service, token, cfg.serve.max_body_bytes)
         say(
             "serve: %s (model version %d, %d items, %d known users; log %s, offset %d)",
-            bundle, health["model_version"], health["items"], health["known_users"], health["log"], health["log_offset"],
+            bundle,
+            health["model_version"],
+            health["items"],
+            health["known_users"],
+            health["log"],
+            health["log_offset"],
         )
         say("serve: listening on http://%s:%d (API description: /docs, /openapi.json; logs in %s)", cfg.serve.host, cfg.serve.port, run_dir / "run.log")
         try:

@@ -2,6 +2,7 @@
 replicas behind Ray Serve's HTTP proxy. The replicas share one live state (the durable log and
 the users' live events) held by a Ray actor, so any replica's answer reflects every event and
 new item acknowledged by any other."""
+
 from __future__ import annotations
 
 import logging
@@ -50,7 +51,11 @@ def serve_on_ray(cfg: DictConfig, options: dict[str, Any], admin_token: str | No
 
     v = cfg.serve
     with ray_session(cfg):
-        state_actor = ray.remote(LiveState).options(name=STATE_ACTOR, num_cpus=0, max_concurrency=64).remote(options["state_dir"], options["max_history"], options["fsync"])
+        state_actor = (
+            ray.remote(LiveState)
+            .options(name=STATE_ACTOR, num_cpus=0, max_concurrency=64)
+            .remote(options["state_dir"], options["max_history"], options["fsync"])
+        )
         stats = ray.get(state_actor.stats.remote())
         serve.start(http_options={"host": v.host, "port": v.port})
         ingress = serve.ingress(app_builder(options | {"torch_threads": v.torch_threads}, state_actor, admin_token, v.max_body_bytes))()

@@ -2,6 +2,7 @@
 ``every_seconds``): ``jobs.update`` in a child process on the service's own log, then a hot
 reload of the new bundle (no request fails meanwhile: the old model serves until the new one is
 ready). A failed or killed update leaves the served model as it was; the next one retries."""
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,15 @@ class UpdateScheduler(threading.Thread):
         start = time.perf_counter()
         result_file = self.run_dir / "updates" / f"result-{int(time.time() * 1000)}.json"
         args = [
-            sys.executable, "-m", "jobs.update", f"update.bundle={self.service.bundle_path}", f"update.state_dir={self.state_dir}",
-            f"update.result_file={result_file}", f"experiment_name={self.experiment}", *[f"paths.{k}={v}" for k, v in self.paths.items()], *self.overrides,
+            sys.executable,
+            "-m",
+            "jobs.update",
+            f"update.bundle={self.service.bundle_path}",
+            f"update.state_dir={self.state_dir}",
+            f"update.result_file={result_file}",
+            f"experiment_name={self.experiment}",
+            *[f"paths.{k}={v}" for k, v in self.paths.items()],
+            *self.overrides,
         ]
         try:
             log_path = self.run_dir / "updates" / "jobs.update.log"

@@ -12,6 +12,7 @@ and what every actor needs (the users' recent items, the text encodings) is put 
 store once; seen items and recommendations stay NumPy / Arrow arrays, never one Python object per
 user or recommendation; FAISS is searched ``rows_per_search`` users at a time.
 """
+
 from __future__ import annotations
 
 import logging
@@ -137,7 +138,9 @@ def _rows(n: int, cfg: DictConfig):
     return ray.data.from_numpy(np.array_split(np.arange(n, dtype=np.int64), blocks))
 
 
-def embed_with_ray(cfg: DictConfig, bundle_path: Path, num_items: int, users: UserHistories, with_text: bool) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+def embed_with_ray(
+    cfg: DictConfig, bundle_path: Path, num_items: int, users: UserHistories, with_text: bool
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Item and user vectors from pools of ``infer.num_actors`` Ray Data actors: the catalog first
     (vectors and text encodings), then the users, whose inputs are put in the object store once.
 
@@ -220,10 +223,14 @@ def write_outputs(run_dir: Path, bundle: ModelBundle, item_vecs: np.ndarray, use
         )
 
     _write_in_row_groups(run_dir / "recommendations.parquet", len(users), recommendations)
-    _write_in_row_groups(run_dir / "item_embeddings.parquet", len(catalog_ids),
-                         lambda rows: pa.table({"item_id": catalog_ids[rows], "embedding": _vector_column(item_vecs[rows])}))
-    _write_in_row_groups(run_dir / "user_embeddings.parquet", len(users),
-                         lambda rows: pa.table({"user_id": users[rows], "embedding": _vector_column(user_vecs[rows])}))
+    _write_in_row_groups(
+        run_dir / "item_embeddings.parquet",
+        len(catalog_ids),
+        lambda rows: pa.table({"item_id": catalog_ids[rows], "embedding": _vector_column(item_vecs[rows])}),
+    )
+    _write_in_row_groups(
+        run_dir / "user_embeddings.parquet", len(users), lambda rows: pa.table({"user_id": users[rows], "embedding": _vector_column(user_vecs[rows])})
+    )
 
 
 def index_choice(cfg: DictConfig, num_items: int) -> IndexChoice:
@@ -260,8 +267,16 @@ def batch_infer(cfg: DictConfig, bundle_path: Path, run_dir: Path) -> dict[str, 
     else:
         item_vecs, user_vecs, sec = embed_in_process(cfg, bundle, users)
     sec_embed = time.perf_counter() - t_embed
-    log.info("embedding took %.1fs (%d items %.2fs, %d users %.2fs; model compute %.2fs and %.2fs)",
-             sec_embed, num_items, sec["items"], len(users.lengths), sec["users"], sec["items_compute"], sec["users_compute"])
+    log.info(
+        "embedding took %.1fs (%d items %.2fs, %d users %.2fs; model compute %.2fs and %.2fs)",
+        sec_embed,
+        num_items,
+        sec["items"],
+        len(users.lengths),
+        sec["users"],
+        sec["items_compute"],
+        sec["users_compute"],
+    )
 
     choice = index_choice(cfg, num_items)
     t0 = time.perf_counter()
@@ -300,9 +315,20 @@ def run_batch_infer(cfg: DictConfig) -> dict[str, float]:
     bundle = resolve_bundle(cfg.checkpoint, cfg.paths.outputs_root, "finetune", cfg.experiment_name)
     run_dir = create_run_folder(cfg)
     with run_log_file(run_dir):
-        say("batch_infer: %s with %s; logs in %s", bundle, f"{cfg.infer.num_actors} Ray Data actor(s)" if cfg.infer.use_ray else "this process", run_dir / "run.log")
+        say(
+            "batch_infer: %s with %s; logs in %s",
+            bundle,
+            f"{cfg.infer.num_actors} Ray Data actor(s)" if cfg.infer.use_ray else "this process",
+            run_dir / "run.log",
+        )
         metrics = batch_infer(cfg, bundle, run_dir)
-        say("batch_infer: top %d for %d users in %.0f s -> %s", cfg.infer.top_k, metrics["infer/num_users"], metrics["infer/seconds_total"], run_dir / "recommendations.parquet")
+        say(
+            "batch_infer: top %d for %d users in %.0f s -> %s",
+            cfg.infer.top_k,
+            metrics["infer/num_users"],
+            metrics["infer/seconds_total"],
+            run_dir / "recommendations.parquet",
+        )
         write_metrics(run_dir, metrics)
         log_job_result(cfg, run_dir, metrics, {"recommendations": run_dir / "recommendations.parquet", "item_embeddings": run_dir / "item_embeddings.parquet"})
     return metrics

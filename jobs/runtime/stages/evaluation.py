@@ -3,6 +3,7 @@
 Writes metrics.json (model and most-popular baseline, valid and test), test_split.parquet
 and test_recommendations.parquet (top 50 from the history before the held-out item).
 """
+
 from __future__ import annotations
 
 import logging
@@ -105,5 +106,12 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics = evaluate_bundle(bundle, run_dir, cfg.eval_batches_keep, cfg.paths)
         write_metrics(run_dir, metrics)
         log_job_result(cfg, run_dir, metrics, {"test_recommendations": run_dir / "test_recommendations.parquet"})
-        say("evaluate: test ndcg@10 %.4f, recall@10 %.4f (most popular: %.4f, %.4f) over %d users", metrics["test/ndcg@10"], metrics["test/recall@10"], metrics["popularity/test/ndcg@10"], metrics["popularity/test/recall@10"], metrics["test/num_users"])
+        say(
+            "evaluate: test ndcg@10 %.4f, recall@10 %.4f (most popular: %.4f, %.4f) over %d users",
+            metrics["test/ndcg@10"],
+            metrics["test/recall@10"],
+            metrics["popularity/test/ndcg@10"],
+            metrics["popularity/test/recall@10"],
+            metrics["test/num_users"],
+        )
     return metrics

@@ -2,6 +2,7 @@
 in its own run folder under the pipeline's and each reading the previous stage's files. A stage
 that already finished for the same config (in an earlier pipeline run) is reused, not rerun,
 unless ``pipeline.force=true``. Prints a results table."""
+
 from __future__ import annotations
 
 import hashlib
@@ -120,4 +121,3 @@ def run_pipeline(cfg: DictConfig) -> dict[str, float]:
         log.info("results (%s, test split):\n%s", cfg.experiment_name, table)
     print(table)
     return metrics
-

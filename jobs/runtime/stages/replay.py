@@ -16,6 +16,7 @@ text just before its first event, so new items are recommendable and counted. Va
 Writes per-event ranks (``events.parquet``), per-variant and per-time-bucket metrics, the update
 cost and freshness figures, a plot of NDCG@K over stream time, and ``results.md``.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,7 +60,9 @@ def ndcg_at(rank: int | None, k: int) -> float:
     return 1.0 / math.log2(rank + 2) if rank is not None and rank < k else 0.0
 
 
-def play(service: Recommender, stream: pd.DataFrame, items: pd.DataFrame, k: int, variant: str, update=None, update_every: int = 0) -> tuple[pd.DataFrame, list[dict]]:
+def play(
+    service: Recommender, stream: pd.DataFrame, items: pd.DataFrame, k: int, variant: str, update=None, update_every: int = 0
+) -> tuple[pd.DataFrame, list[dict]]:
     """Play the stream against ``service``; returns per-event rows and the updates made."""
     texts = items.set_index(items["item_id"].astype(str))
     rows, updates = [], []
@@ -78,7 +81,17 @@ def play(service: Recommender, stream: pd.DataFrame, items: pd.DataFrame, k: int
             if e.status != 404 or e.field != "user_id":
                 raise
             scored = False  # a user's first event: nothing to recommend from yet
-        rows.append({"variant": variant, "timestamp": int(ts), "user_id": user, "item_id": item, "scored": scored, "rank": -1 if rank is None else rank, "new_item": new_item})
+        rows.append(
+            {
+                "variant": variant,
+                "timestamp": int(ts),
+                "user_id": user,
+                "item_id": item,
+                "scored": scored,
+                "rank": -1 if rank is None else rank,
+                "new_item": new_item,
+            }
+        )
         if variant != "frozen":
             service.ingest(user, item, float(ts))
             since_update += 1
@@ -143,8 +156,15 @@ def run_replay(cfg: DictConfig) -> dict[str, float]:
         if r.max_events:
             stream = stream.head(r.max_events)
         new_items = sorted(set(stream["item_id"].astype(str)) - set(known["item_id"].astype(str)))
-        say("replay: %s cut at timestamp %d: %d interactions before, %d after (%d items first seen after the cut); run folder %s",
-            cfg.data.name, cut, len(before), len(stream), len(new_items), run_dir)
+        say(
+            "replay: %s cut at timestamp %d: %d interactions before, %d after (%d items first seen after the cut); run folder %s",
+            cfg.data.name,
+            cut,
+            len(before),
+            len(stream),
+            len(new_items),
+            run_dir,
+        )
         write_raw_parquet(run_dir / "before_cut", before[["user_id", "item_id", "timestamp"]], known)
         train = cfg.copy()
         train.job = "pipeline"
@@ -236,7 +256,11 @@ def results_table(metrics: dict[str, float], k: int, variants: list[str]) -> str
             f"{g(f'known_users/recall@{k}'):.4f} | {g('known_users/events'):.0f} | {g('new_item_events'):.0f} | {g(f'new_item_recall@{k}'):.4f} | {g('seconds'):.0f} |"
         )
     if "updated/updates" in metrics:
-        lines.append(f"\n{metrics['updated/updates']:.0f} updates, {metrics['updated/update_seconds_mean']:.1f} s each on average (start to serving {metrics['updated/update_to_serving_seconds_mean']:.1f} s)")
+        lines.append(
+            f"\n{metrics['updated/updates']:.0f} updates, {metrics['updated/update_seconds_mean']:.1f} s each on average (start to serving {metrics['updated/update_to_serving_seconds_mean']:.1f} s)"
+        )
     if "live/event_to_reflected_recommendation_ms_p50" in metrics:
-        lines.append(f"event to a recommendation that reflects it (ingest + recommend, in process): {metrics['live/event_to_reflected_recommendation_ms_p50']:.1f} ms (median)")
+        lines.append(
+            f"event to a recommendation that reflects it (ingest + recommend, in process): {metrics['live/event_to_reflected_recommendation_ms_p50']:.1f} ms (median)"
+        )
     return "\n".join(lines)

@@ -12,6 +12,7 @@ best metric, status, epochs, seconds), ``best_config.yaml``, ``experiment/<name>
 best trial as a Hydra experiment that jobs.pipeline runs), ``trials/<trial>/`` (each trial's
 config, TensorBoard and wandb runs), ``metrics.json``.
 """
+
 from __future__ import annotations
 
 import os
@@ -138,7 +139,12 @@ def run_sweep(cfg: DictConfig) -> dict[str, float]:
         trainer = torch_trainer(cfg, s.stage, run_dir, name, storage, extra={"group": name})
         scheduler = None
         if s.scheduler.enabled:
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg[s.stage].max_epochs, grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor)
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=cfg[s.stage].max_epochs,
+                grace_period=s.scheduler.grace_period,
+                reduction_factor=s.scheduler.reduction_factor,
+            )
         searcher = None
         if (s.searcher.value if hasattr(s.searcher, "value") else s.searcher) == "optuna":
             from ray.tune.search.optuna import OptunaSearch
@@ -153,7 +159,11 @@ def run_sweep(cfg: DictConfig) -> dict[str, float]:
                 trainer,
                 param_space={"train_loop_config": {"overrides": space}},
                 tune_config=tune.TuneConfig(
-                    metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler, search_alg=searcher,
+                    metric=s.metric,
+                    mode=s.mode,
+                    num_samples=s.num_samples,
+                    scheduler=scheduler,
+                    search_alg=searcher,
                     max_concurrent_trials=concurrency(cfg),
                 ),
                 run_config=run_config(cfg, name, storage, callbacks=[t for t in [trial_tracker(cfg, name, run_dir)] if t]),
@@ -180,7 +190,9 @@ def run_sweep(cfg: DictConfig) -> dict[str, float]:
         (CONF / "experiment" / f"{exp_name}.yaml").write_text(text)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False))
-    print(f"\nbest: {best_row['trial']} {s.metric}={best_row[best_col]:.4f}\nrun it: python -m jobs.pipeline 'hydra.searchpath=[file://{run_dir}]' experiment={exp_name}")
+    print(
+        f"\nbest: {best_row['trial']} {s.metric}={best_row[best_col]:.4f}\nrun it: python -m jobs.pipeline 'hydra.searchpath=[file://{run_dir}]' experiment={exp_name}"
+    )
     metrics = {
         "sweep/trials": float(len(table)),
         "sweep/stopped_early": float((table["status"] == "STOPPED_EARLY").sum()),
@@ -193,4 +205,3 @@ def run_sweep(cfg: DictConfig) -> dict[str, float]:
     cfg.logger.wandb.group = name
     log_job_result(cfg, run_dir, metrics, {"trials": run_dir / "trials.parquet"})
     return metrics
-

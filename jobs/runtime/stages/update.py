@@ -11,6 +11,7 @@ The run folder is named after the parent and the offsets, so running the update 
 same log is a no-op, and a run killed midway leaves no bundle (and the served one untouched);
 the next run finishes the job.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -110,7 +111,14 @@ def run_update(cfg: DictConfig) -> dict[str, float]:
     items = sum(r["kind"] == "item" for r in records)
     result: dict[str, object] = {"bundle": str(parent_path), "noop": True, "parent": str(parent_path)}
     if events < cfg["update"].min_events and not items:
-        say("update: %d new event(s) in %s since offset %d (update.min_events=%d): nothing to do; %s stays", events, state_dir / LOG_FILE, start, cfg["update"].min_events, parent_path)
+        say(
+            "update: %d new event(s) in %s since offset %d (update.min_events=%d): nothing to do; %s stays",
+            events,
+            state_dir / LOG_FILE,
+            start,
+            cfg["update"].min_events,
+            parent_path,
+        )
         _write_result(cfg, result)
         return {"update/noop": 1.0}
     end = records[-1]["offset"] + 1
@@ -125,7 +133,16 @@ def run_update(cfg: DictConfig) -> dict[str, float]:
     cfg.paths.output_dir = str(run_dir)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     with run_log_file(run_dir):
-        say("update: model version %d from %s with log offsets %d..%d (%d events, %d new items); logs in %s", version, parent_path, start, end - 1, events, items, run_dir / "run.log")
+        say(
+            "update: model version %d from %s with log offsets %d..%d (%d events, %d new items); logs in %s",
+            version,
+            parent_path,
+            start,
+            end - 1,
+            events,
+            items,
+            run_dir / "run.log",
+        )
         parent = load_bundle(parent_path)
         interactions, item_frame, histories, catalog = update_data(parent, records, cfg["update"].replay_fraction, cfg.seed)
         write_raw_parquet(run_dir / "raw", interactions, item_frame)
@@ -148,14 +165,37 @@ def run_update(cfg: DictConfig) -> dict[str, float]:
             "init_from": str(parent_path),
         }
         save_bundle(
-            run_dir / BUNDLE_DIR, trained.model, catalog, users, trained.config, max_seq_len=trained.max_seq_len, stage="update",
-            model_version=version, parent=lineage["parent"], lineage=lineage, metrics=metrics, tokenizer=parent.load_tokenizer(),
+            run_dir / BUNDLE_DIR,
+            trained.model,
+            catalog,
+            users,
+            trained.config,
+            max_seq_len=trained.max_seq_len,
+            stage="update",
+            model_version=version,
+            parent=lineage["parent"],
+            lineage=lineage,
+            metrics=metrics,
+            tokenizer=parent.load_tokenizer(),
         )
         shutil.rmtree(run_dir / "train" / BUNDLE_DIR)  # the same weights are in the update's bundle
         seconds = time.perf_counter() - start_time
-        out = {**{f"train/{k}" if not k.startswith(("val/", "train/")) else k: v for k, v in metrics.items()}, "update/seconds": seconds, "update/events": float(events), "update/new_items": float(items), "update/model_version": float(version), "update/noop": 0.0}
+        out = {
+            **{f"train/{k}" if not k.startswith(("val/", "train/")) else k: v for k, v in metrics.items()},
+            "update/seconds": seconds,
+            "update/events": float(events),
+            "update/new_items": float(items),
+            "update/model_version": float(version),
+            "update/noop": 0.0,
+        }
         write_metrics(run_dir, out)
-        say("update: model version %d written to %s in %.0f s (val/ndcg@10 %.4f)", version, run_dir / BUNDLE_DIR, seconds, metrics.get("val/ndcg@10", float("nan")))
+        say(
+            "update: model version %d written to %s in %.0f s (val/ndcg@10 %.4f)",
+            version,
+            run_dir / BUNDLE_DIR,
+            seconds,
+            metrics.get("val/ndcg@10", float("nan")),
+        )
     _write_result(cfg, result | {"bundle": str(run_dir / BUNDLE_DIR), "noop": False, "seconds": seconds})
     return out
 

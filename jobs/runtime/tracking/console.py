@@ -7,6 +7,7 @@ Quiet mode works at the file-descriptor level inside a run (``capture_output``),
 from anything (C++ code, Ray's forwarded worker output, libraries' own handlers) lands in the
 run's log; the console keeps a duplicate of the terminal taken at start-up.
 """
+
 from __future__ import annotations
 
 import json
@@ -131,7 +132,11 @@ class StageProgress:
             except OSError:
                 width = 0
             self._bar = tqdm(
-                total=self.max_epochs, file=_State.terminal, ncols=min(width, 140) if width >= 60 else 100, leave=True, disable=False,
+                total=self.max_epochs,
+                file=_State.terminal,
+                ncols=min(width, 140) if width >= 60 else 100,
+                leave=True,
+                disable=False,
                 bar_format=f"{self.stage:>11} {{percentage:3.0f}}%|{{bar:24}}| {{desc}} [{{elapsed}}<{{remaining}}]",
             )
             self._thread = threading.Thread(target=self._poll, daemon=True)

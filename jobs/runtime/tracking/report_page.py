@@ -6,6 +6,7 @@ folder (``metrics_history.jsonl``), the best metric of each sweep trial, and acc
 diversity (validation NDCG@10 vs diversity@10 at each run's best epoch). Tables: the folder's
 ``metrics.json`` and ``trials.parquet``.
 """
+
 from __future__ import annotations
 
 import html
@@ -126,4 +127,3 @@ def write_report(folder: str | Path) -> Path:
     page = out / "index.html"
     page.write_text("\n".join(parts))
     return page
-

@@ -1,6 +1,7 @@
 """Reading an offline wandb run file (``run-<id>.wandb``) back, without the wandb service:
 to check what a job logged, and for reports. The file is a 7-byte header (":W&B", magic, version)
 followed by LevelDB-style log blocks of 32 KiB holding protobuf ``Record`` messages."""
+
 from __future__ import annotations
 
 import struct

@@ -5,6 +5,7 @@ WandbLogger (rank zero); this adds, once a job ends, a run of ``job_type=<job>``
 group with the final metrics as a table and the checkpoint / recommendation files as
 reference artefacts (nothing is uploaded but their paths and checksums). Offline by default.
 """
+
 from __future__ import annotations
 
 import logging
@@ -77,8 +78,16 @@ def trial_tracker(cfg: DictConfig, group: str, run_root: Path):
                 folder = run_root / "trials" / str(trial)
                 folder.mkdir(parents=True, exist_ok=True)
                 self.runs[trial.trial_id] = wandb.init(
-                    dir=str(folder), project=w.project, entity=w.entity, group=group, job_type="trial",
-                    name=str(trial), tags=list(w.tags), config=base | {"trial": overrides}, mode=mode, reinit="create_new",
+                    dir=str(folder),
+                    project=w.project,
+                    entity=w.entity,
+                    group=group,
+                    job_type="trial",
+                    name=str(trial),
+                    tags=list(w.tags),
+                    config=base | {"trial": overrides},
+                    mode=mode,
+                    reinit="create_new",
                 )
             return self.runs[trial.trial_id]
 

@@ -1,6 +1,7 @@
 """A finished training stage -> its model bundle (inference/bundle.py): the model with the weights
 of the best epoch, the catalog and users as the datamodule holds them, the tokenizer files and
 the resolved config."""
+
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,6 @@
 """Lightning callbacks every training stage may get: the epoch history, the per-epoch report to
 Ray Train, weight averaging, and the debugging and fault-injection ones."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """Reading training checkpoints back: Lightning files and DeepSpeed ZeRO folders -> fp32 model
 weights; configs stored as plain containers -> typed configs again."""
+
 from __future__ import annotations
 
 from pathlib import Path

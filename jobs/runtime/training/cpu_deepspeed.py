@@ -1,5 +1,6 @@
 """DeepSpeed under Lightning on CPUs (DeepSpeed's CPU accelerator, gloo): what Ray Train's CPU
 workers and the CPU smoke runs of bench/train_throughput.py share. Imports neither Ray nor Hydra."""
+
 from __future__ import annotations
 
 import torch

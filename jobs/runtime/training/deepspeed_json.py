@@ -1,6 +1,7 @@
 """The DeepSpeed JSON our jobs train with, from plain values: Ray Train's workers
 (jobs/runtime/training/ray_strategies.py) and bench/train_throughput.py build it here, so the bench
 measures the jobs' DeepSpeed. Imports neither Ray nor Hydra (it runs on a bare GPU image)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -8,8 +9,14 @@ from typing import Any
 import torch
 
 
-def deepspeed_json(zero_stage: int, micro_batch_size: int, bf16: bool, offload_optimizer: bool = False,
-                   offload_parameters: bool = False, gradient_clipping: float | None = None) -> dict[str, Any]:
+def deepspeed_json(
+    zero_stage: int,
+    micro_batch_size: int,
+    bf16: bool,
+    offload_optimizer: bool = False,
+    offload_parameters: bool = False,
+    gradient_clipping: float | None = None,
+) -> dict[str, Any]:
     """ZeRO ``zero_stage`` with optional CPU offload; gradient accumulation is left to the Lightning
     Trainer's ``accumulate_grad_batches``, as Lightning requires."""
     zero: dict[str, Any] = {"stage": zero_stage, "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True}

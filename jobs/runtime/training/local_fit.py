@@ -1,5 +1,6 @@
 """One training stage (pretrain or finetune) in this process (``launcher=local``), and the
 seeded build of a stage that every Ray Train worker runs too (jobs/runtime/training/ray_fit.py)."""
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,9 @@ def local_fit(cfg: DictConfig, stage: str, run_dir: Path) -> dict[str, float]:
     """Fit ``stage`` in this process (no Ray), keep the best epoch, write its model bundle."""
     dm, module = build_stage(cfg, stage)
     monitor = cfg.trainer.monitor
-    checkpoint_cb = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best-{epoch:03d}", monitor=monitor, mode="max", save_top_k=1, save_last=True)
+    checkpoint_cb = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"), filename="best-{epoch:03d}", monitor=monitor, mode="max", save_top_k=1, save_last=True
+    )
     callbacks = [checkpoint_cb, EarlyStopping(monitor=monitor, mode="max", patience=cfg.trainer.early_stopping_patience), *stage_callbacks(cfg, run_dir)]
     trainer = build_trainer(cfg, stage, run_dir, callbacks)
     start = time.perf_counter()

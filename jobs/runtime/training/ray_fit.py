@@ -1,6 +1,7 @@
 """Ray Train launch of a training stage: TorchTrainer over ``hardware.num_workers`` workers, each
 running the same Lightning fit; checkpoints reported every epoch (best k kept by the monitor),
 dead workers restarted from the latest checkpoint, the best one written as the model bundle."""
+
 from __future__ import annotations
 
 import logging
@@ -41,7 +42,11 @@ def train_loop_per_worker(config: dict) -> None:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     dm, module = build_stage(cfg, stage)
     deepspeed = (cfg.strategy.name.value if hasattr(cfg.strategy.name, "value") else cfg.strategy.name) == "deepspeed"
-    callbacks = [EpochReport(), EarlyStopping(monitor=cfg.trainer.monitor, mode="max", patience=cfg.trainer.early_stopping_patience), *stage_callbacks(cfg, run_dir)]
+    callbacks = [
+        EpochReport(),
+        EarlyStopping(monitor=cfg.trainer.monitor, mode="max", patience=cfg.trainer.early_stopping_patience),
+        *stage_callbacks(cfg, run_dir),
+    ]
     trainer = build_trainer(
         cfg,
         stage,
@@ -88,7 +93,9 @@ def consolidate(checkpoint, run_dir: Path, cfg: DictConfig, stage: str, metrics:
         state, epoch = model_state_from_lightning(Path(folder) / EpochReport.CHECKPOINT_NAME)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)
-    export_bundle(run_dir, cfg, dm, model, state, stage, metrics | {"train/best_epoch": float(epoch)}, lineage | {"best_epoch": epoch, "source": checkpoint.path})
+    export_bundle(
+        run_dir, cfg, dm, model, state, stage, metrics | {"train/best_epoch": float(epoch)}, lineage | {"best_epoch": epoch, "source": checkpoint.path}
+    )
     return epoch
 
 
@@ -122,7 +129,9 @@ def run_config(cfg: DictConfig, name: str, storage: str, callbacks: list | None 
         name=name,
         callbacks=callbacks or None,
         storage_path=storage,
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints, checkpoint_score_attribute=cfg.trainer.monitor, checkpoint_score_order="max"),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=cfg.trainer.keep_checkpoints, checkpoint_score_attribute=cfg.trainer.monitor, checkpoint_score_order="max"
+        ),
         failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
     )
 

@@ -1,4 +1,5 @@
 """Lightning strategies for Ray Train workers: DDP, DeepSpeed on GPUs, DeepSpeed on CPUs (gloo)."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -27,6 +28,8 @@ def build_strategy(cfg: DictConfig, precision: str):
         return RayDDPStrategy(find_unused_parameters=cfg.strategy.find_unused_parameters, timeout=timeout, forward_sync_buffers=False)
     if name == "deepspeed":
         st = cfg.strategy
-        config = deepspeed_json(st.zero_stage, cfg.data.batch_size, precision.startswith("bf16"), st.offload_optimizer, st.offload_parameters, cfg.trainer.gradient_clip_val)
+        config = deepspeed_json(
+            st.zero_stage, cfg.data.batch_size, precision.startswith("bf16"), st.offload_optimizer, st.offload_parameters, cfg.trainer.gradient_clip_val
+        )
         return RayDeepSpeedStrategy(config=config, timeout=timeout) if on_gpu else CPURayDeepSpeedStrategy(config=config, timeout=timeout)
     raise ValueError(f"strategy.name={name!r} cannot run under Ray (use ddp or deepspeed)")

@@ -1,5 +1,6 @@
 """A training job end to end: checks, references to other runs resolved, run folder, log file,
 the fit (in this process or on Ray Train), metrics.json and the model bundle."""
+
 from __future__ import annotations
 
 import logging
@@ -34,7 +35,11 @@ def run_stage_job(cfg: DictConfig, stage: str) -> dict[str, float]:
             say("finetune: starting from %s%s", cfg.init_from, " (the latest pretrain run)" if given == "latest" else "")
         log.debug("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
         launcher = cfg.launcher.value if hasattr(cfg.launcher, "value") else cfg.launcher
-        where = "in this process" if launcher == "local" else f"on Ray Train ({cfg.hardware.num_workers} worker(s), {cfg.strategy.name.value if hasattr(cfg.strategy.name, 'value') else cfg.strategy.name})"
+        where = (
+            "in this process"
+            if launcher == "local"
+            else f"on Ray Train ({cfg.hardware.num_workers} worker(s), {cfg.strategy.name.value if hasattr(cfg.strategy.name, 'value') else cfg.strategy.name})"
+        )
         if launcher != "local":  # once, here, rather than by every worker at once
             from jobs.runtime.config.assembly import prepare_data
 
@@ -50,7 +55,15 @@ def run_stage_job(cfg: DictConfig, stage: str) -> dict[str, float]:
                 from jobs.runtime.training.ray_fit import ray_fit
 
                 metrics = ray_fit(cfg, stage, run_dir)
-        say("%s: best %s %.4f at epoch %d of %d (%.0f s)", stage, monitor, metrics.get(monitor, float("nan")), metrics["train/best_epoch"], metrics["train/epochs"], metrics["train/seconds"])
+        say(
+            "%s: best %s %.4f at epoch %d of %d (%.0f s)",
+            stage,
+            monitor,
+            metrics.get(monitor, float("nan")),
+            metrics["train/best_epoch"],
+            metrics["train/epochs"],
+            metrics["train/seconds"],
+        )
         write_metrics(run_dir, metrics)
         log_job_result(cfg, run_dir, metrics, {"model": run_dir / BUNDLE_DIR})
     return metrics
