@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from inference.bundle import read_manifest
+from tests.integration.test_ray_training import ZERO_FILES, zero_files
 
 
 def test_pipeline_on_ray_with_deepspeed_writes_every_file(tiny_cfg):
@@ -33,6 +34,7 @@ def test_pipeline_on_ray_with_deepspeed_writes_every_file(tiny_cfg):
         for name in ("config.yaml", "metrics.json", "run.log", "bundle/manifest.json", "bundle/model.safetensors"):
             assert (root / stage / name).is_file(), f"{stage}/{name}"
         assert read_manifest(root / stage / "bundle")["lineage"]["ray_run"]
+        assert zero_files(root / stage / "bundle") == ZERO_FILES["deepspeed_stage_2"]  # ZeRO-2 ran on both workers
     for name in ("metrics.json", "test_split.parquet", "test_recommendations.parquet"):
         assert (root / "evaluate" / name).is_file()
     recs = pd.read_parquet(root / "batch_infer" / "recommendations.parquet")

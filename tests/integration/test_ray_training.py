@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.bundle import load_bundle
+from inference.bundle import load_bundle, read_manifest
 from jobs.runtime.training.stage_job import run_stage_job
 
 RAY = ["launcher=ray", "cluster.num_cpus=4", "logger=none", "strategy.collective_timeout_s=120"]
@@ -17,6 +17,26 @@ RAY = ["launcher=ray", "cluster.num_cpus=4", "logger=none", "strategy.collective
 
 def losses(run_dir: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "debug" / f"losses-rank{rank}.jsonl").read_text().splitlines()]
+
+
+def zero_files(bundle_dir: Path) -> list[str]:
+    """The DeepSpeed ZeRO files of the checkpoint a bundle was consolidated from (none for ddp)."""
+    source = Path(read_manifest(bundle_dir)["lineage"]["source"])
+    assert source.is_dir(), source
+    return sorted(p.name for p in source.rglob("*_states.pt"))
+
+
+# what each strategy's checkpoint holds: proof that DeepSpeed ran, at that ZeRO stage, on 2 ranks
+ZERO_FILES = {
+    "ddp": [],
+    "deepspeed_stage_2": ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"],
+    "deepspeed_stage_3": [
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ],
+}
 
 
 def best_validated_epoch(run_dir: Path) -> int:
@@ -38,6 +58,7 @@ def test_two_workers_train_and_the_consolidated_checkpoint_scores_like_the_live_
     )
     metrics = run_stage_job(cfg, "pretrain")
     run_dir = Path(cfg.paths.output_dir)
+    assert zero_files(run_dir / "bundle") == ZERO_FILES[strategy]  # not a silent fall-back to DDP
     for rank in (0, 1):
         steps = [x["loss"] for x in losses(run_dir, rank)]
         assert len(steps) >= 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -102,11 +103,16 @@ def test_errors_name_what_is_wrong():
         search_unseen(build_index(items), np.ones((2, 4), np.float32), [np.array([])], 3)
 
 
-def test_auto_is_exact_for_small_catalogs_and_hnsw_beyond():
+def test_auto_is_exact_for_small_catalogs_and_ivfpq_beyond():
     assert auto_index(1_682).kind == "flat" and auto_index(AUTO_EXACT_MAX_ITEMS).kind == "flat"
+    assert auto_index(AUTO_EXACT_MAX_ITEMS + 1).kind == "ivfpq"  # the threshold, exactly
     big = auto_index(1_000_000)
     assert big.kind == "ivfpq" and big.params["nlist"] == 2000 and big.params["refine_factor"] >= 1
-    build_index(np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32), big.kind, **big.params)  # build_index's params
+    vectors = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    index = build_index(vectors, big.kind, **big.params)  # build_index takes auto's params as they are
+    assert isinstance(index, faiss.IndexRefineFlat)  # exact re-ranking ...
+    assert isinstance(faiss.downcast_index(index.base_index), faiss.IndexIVFPQFastScan)  # ... of IVF-PQ candidates
+    assert isinstance(build_index(vectors, auto_index(50).kind), faiss.IndexFlat)
 
 
 def test_autos_approximate_setting_keeps_recall_at_100_on_structured_vectors():

@@ -28,18 +28,25 @@ def test_mask_tokens_only_touches_real_non_special_tokens():
 
 
 def test_mlm_adds_a_loss_that_trains_the_encoder(tiny_cfg, tmp_path):
+    """The training loss is next-item + mlm_weight x MLM, and the MLM part reaches the encoder (the
+    next-item loss trains the unfrozen encoder too, so a gradient alone would not show it)."""
     cfg = tiny_cfg("pretrain", "pretrain.mlm_weight=0.5", "pretrain.max_epochs=1", "trainer.limit_train_batches=2")
     pl.seed_everything(0)
     dm = build_datamodule(cfg)
     module = build_module(cfg, "pretrain", build_model(cfg, dm), dm)
     batch = next(iter(dm.train_dataloader()))
-    mlm = module.mlm_loss()
-    assert mlm.item() > 0 and mlm.requires_grad
     word_embeddings = module.model.item_tower.encoder.embeddings.word_embeddings.weight
     assert module.mlm_head.predictions.decoder.weight is word_embeddings  # tied
+    torch.manual_seed(1)  # the same draws (dropout, masked tokens) for the parts and the total
+    next_item, mlm = module.next_item_loss(batch), module.mlm_loss()
+    torch.manual_seed(1)
     total = module.training_step(batch, 0)
-    total.backward()
-    assert word_embeddings.grad is not None and word_embeddings.grad.abs().sum() > 0
+    assert mlm.item() > 0 and mlm.requires_grad
+    assert torch.allclose(total, next_item + 0.5 * mlm, rtol=1e-6)
+    (from_next_item,) = torch.autograd.grad(next_item, word_embeddings, retain_graph=True)
+    (from_total,) = torch.autograd.grad(total, word_embeddings)
+    assert from_total.abs().sum() > 0
+    assert not torch.allclose(from_total, from_next_item)  # MLM's share of the encoder's gradient
 
 
 def test_mlm_needs_a_trainable_encoder(tiny_cfg):

@@ -63,6 +63,19 @@ def test_diversity_and_coverage():
     assert intra_list_diversity(torch.tensor([[0, 1]]), feats) == pytest.approx(0.0)
     assert intra_list_diversity(torch.tensor([[0, 2]]), feats) == pytest.approx(1.0)
     assert intra_list_diversity(torch.tensor([[0, 1, 2]]), feats) == pytest.approx(2 / 3)
+    # coverage@K: the share of the catalog in at least one top-K list (here K = 2 of 5 items)
+    from lightning_modules.ranking_metrics import RankingAccumulator
+
+    five = category_matrix([["A"], ["A"], ["B"], [], ["B"]])
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.0, 0.0], [0.9, 0.1, 0.8, 0.0, 0.0]])  # top 2: [0, 1] and [0, 2]
+    acc = RankingAccumulator(5, ks=(2,), categories=five)
+    acc.update(scores, torch.tensor([0, 0]), torch.full((2, 1), -1))
+    m = acc.compute()
+    assert m["coverage@2"] == pytest.approx(3 / 5)
+    assert m["diversity@2"] == pytest.approx((0.0 + 1.0) / 2)
+    same = RankingAccumulator(5, ks=(2,))
+    same.update(scores[[0, 0]], torch.tensor([0, 0]), torch.full((2, 1), -1))
+    assert same.compute()["coverage@2"] == pytest.approx(2 / 5)  # two users, one list: less of the catalog
 
 
 def test_popularity_baseline_through_the_shared_ranker():

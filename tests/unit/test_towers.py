@@ -39,11 +39,15 @@ def test_item_tower_shapes_and_id_only():
 
 
 def test_padding_tokens_do_not_change_the_text_vector():
+    """Item 0's text is 4 of 6 tokens; encoded beside item 1 (6 tokens), its two padded positions go
+    through the encoder, and only the attention mask keeps them out of its vector."""
     tower = tiny_text_tower(use_id_embedding=False).eval()
-    before = tower(torch.tensor([0]))
-    tower.token_ids[0, 4:] = 7  # masked positions of item 0
-    assert torch.allclose(tower.encode_text(torch.tensor([0])), tower.encode_text(torch.tensor([0])))
-    assert torch.allclose(before, tower(torch.tensor([0])), atol=1e-6)
+    pair = torch.tensor([0, 1])
+    before = tower.encode_text(pair)  # encoded afresh on every call (only forward caches)
+    tower.token_ids[0, 4:] = 7
+    assert torch.allclose(before, tower.encode_text(pair), atol=1e-6)
+    tower.attention_mask[0, 4:] = 1  # the same tokens, attended to: now they move the vector
+    assert not torch.allclose(before[0], tower.encode_text(pair)[0], atol=1e-4)
 
 
 def test_freezing_and_partial_unfreezing():
