@@ -38,6 +38,18 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="session")
+def shared_ray():
+    """One embedded Ray for every in-process Ray test of this pytest process: a job finding Ray up
+    uses it and leaves it running (jobs/runtime/config/ray_cluster.py: ray_session), so each test
+    saves a Ray start and shutdown. Started as a job's embedded Ray would be, with 4 CPUs."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path: Path):
     """A factory of tiny synthetic configs for any job, rooted in tmp_path."""

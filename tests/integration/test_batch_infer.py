@@ -21,6 +21,7 @@ from lightning_modules.ranking_metrics import top_k
 from tests.conftest import TINY, compose_config
 
 TOP_K = 10
+pytestmark = pytest.mark.usefixtures("shared_ray")
 WALL: dict[str, float] = {}
 
 

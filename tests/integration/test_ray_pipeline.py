@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from inference.bundle import read_manifest
 from tests.integration.test_ray_training import ZERO_FILES, zero_files
+
+pytestmark = pytest.mark.usefixtures("shared_ray")
 
 
 def test_pipeline_on_ray_with_deepspeed_writes_every_file(tiny_cfg):

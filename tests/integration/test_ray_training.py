@@ -11,8 +11,10 @@ import torch
 
 from inference.bundle import load_bundle, read_manifest
 from jobs.runtime.training.stage_job import run_stage_job
+from tests.conftest import TINY, compose_config
 
 RAY = ["launcher=ray", "cluster.num_cpus=4", "logger=none", "strategy.collective_timeout_s=120"]
+pytestmark = pytest.mark.usefixtures("shared_ray")
 
 
 def losses(run_dir: Path, rank: int) -> list[dict]:
@@ -75,38 +77,40 @@ def test_two_workers_train_and_the_consolidated_checkpoint_scores_like_the_live_
     assert torch.allclose(reloaded, live["scores"], atol=1e-4), (reloaded - live["scores"]).abs().max()
 
 
+SAME_FIRST_STEPS = [
+    *RAY,
+    "strategy=ddp",
+    "pretrain.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "debug.record_losses=true",
+    "data.train_windows=last",
+    "data.reader.min_len=24",
+    "data.reader.max_len=30",
+    "model.item_tower.dropout=0",
+    "model.user_tower.dropout=0",
+]
+
+
+@pytest.fixture(scope="module")
+def one_worker_losses(tmp_path_factory) -> list[float]:
+    """The first losses of one ddp worker with batch 16 and the dense id table (run once for both
+    two-worker runs below)."""
+    root = tmp_path_factory.mktemp("one_worker")
+    one = compose_config("pretrain", [*TINY, *SAME_FIRST_STEPS, "hardware.num_workers=1", "data.batch_size=16"], root)
+    run_stage_job(one, "pretrain")
+    return [x["loss"] for x in losses(Path(one.paths.output_dir), 0)]
+
+
 @pytest.mark.parametrize("two_sparse", ["false", "true"], ids=["dense", "two-workers-sparse-ids"])
-def test_ddp_one_and_two_workers_give_the_same_first_losses(two_sparse, tiny_cfg):
+def test_ddp_one_and_two_workers_give_the_same_first_losses(two_sparse, one_worker_losses, tiny_cfg):
     """With a sparse id table the two workers all-reduce sparse gradients (gloo) and update only
     the rows of the step (SparseRowAdamW); the full softmax uses every row in every step, so
     their losses are those of one worker with the dense table."""
-    same = [
-        *RAY,
-        "strategy=ddp",
-        "pretrain.max_epochs=1",
-        "trainer.limit_train_batches=3",
-        "debug.record_losses=true",
-        "data.train_windows=last",
-        "data.reader.min_len=24",
-        "data.reader.max_len=30",
-        "model.item_tower.dropout=0",
-        "model.user_tower.dropout=0",
-    ]
-    one = tiny_cfg("pretrain", *same, "hardware.num_workers=1", "data.batch_size=16")
-    two = tiny_cfg(
-        "pretrain",
-        *same,
-        "hardware.num_workers=2",
-        "data.batch_size=8",
-        f"model.item_tower.sparse_ids={two_sparse}",
-        "paths.output_dir=" + str(Path(one.paths.output_dir).parent / "two"),
-    )
-    run_stage_job(one, "pretrain")
+    two = tiny_cfg("pretrain", *SAME_FIRST_STEPS, "hardware.num_workers=2", "data.batch_size=8", f"model.item_tower.sparse_ids={two_sparse}")
     run_stage_job(two, "pretrain")
-    single = [x["loss"] for x in losses(Path(one.paths.output_dir), 0)]
     pair = [(a["loss"] + b["loss"]) / 2 for a, b in zip(losses(Path(two.paths.output_dir), 0), losses(Path(two.paths.output_dir), 1))]
-    assert len(single) == len(pair) == 3
-    assert single == pytest.approx(pair, abs=1e-4)
+    assert len(one_worker_losses) == len(pair) == 3
+    assert one_worker_losses == pytest.approx(pair, abs=1e-4)
 
 
 def test_a_killed_worker_resumes_from_the_latest_checkpoint(tiny_cfg):

@@ -165,9 +165,14 @@ def test_output_dir_is_per_job_and_time(tmp_path):
     assert out.parts[-3] == "finetune" and str(out).startswith(str(tmp_path))
 
 
-def test_a_missing_run_reference_fails_on_the_driver_before_ray_starts(tmp_path):
+def test_a_missing_run_reference_fails_on_the_driver_before_ray_starts(tmp_path, monkeypatch):
+    from jobs.runtime.training import ray_fit
     from jobs.runtime.training.stage_job import run_stage_job
 
+    def no_ray(*args, **kwargs):  # the job must fail before it starts or joins Ray (another test's Ray may be up)
+        raise AssertionError("the job entered a Ray session")
+
+    monkeypatch.setattr(ray_fit, "ray_session", no_ray)
     cfg = compose_config("finetune", ["experiment=tiny", "launcher=ray", "logger=none", "init_from=latest"], tmp_path)
     with pytest.raises(FileNotFoundError, match="no finished 'pretrain' run of experiment 'tiny'"):
         run_stage_job(cfg, "finetune")
@@ -175,6 +180,3 @@ def test_a_missing_run_reference_fails_on_the_driver_before_ray_starts(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"config error at 'init_from'.*nowhere"):
         run_stage_job(cfg, "finetune")
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "data").exists()
-    import sys
-
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
