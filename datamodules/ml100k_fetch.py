@@ -120,17 +120,17 @@ def fetch_ml100k(cache_dir: str | Path, sources: list[Source | dict], timeout_s:
     The cache holds ``<cache_dir>/ml-100k/<kind>/`` with the extracted files and a
     ``VERIFIED`` marker naming the archive checksum; a folder without it is refetched.
     """
-    sources = [s if isinstance(s, Source) else Source(**s) for s in sources]
-    if not sources:
+    resolved = [s if isinstance(s, Source) else Source(**s) for s in sources]
+    if not resolved:
         raise FetchError("data.reader.sources is empty")
     root = Path(cache_dir) / "ml-100k"
-    for source in sources:
+    for source in resolved:
         folder = root / source.kind
         if (folder / "VERIFIED").is_file():
             log.info("MovieLens-100K: using cached copy in %s", folder)
             return folder, source.kind
     errors: list[str] = []
-    for source in sources:
+    for source in resolved:
         folder = root / source.kind
         try:
             with tempfile.TemporaryDirectory(prefix="ml100k-") as tmp:

@@ -13,7 +13,7 @@ import csv
 import logging
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +88,7 @@ def _decode(path: Path, number: int, raw: bytes, encodings: tuple[str, ...]) -> 
     raise DataFormatError(str(path), f"line is not valid {' or '.join(encodings)}", line=number)
 
 
-def _csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
+def _csv_records(path: Path) -> Generator[tuple[int, list[str]], None, None]:
     """Yield (first physical line of the record, fields) from a UTF-8 CSV file, skipping blank lines."""
     _require_file(path)
     with open(path, newline="", encoding="utf-8-sig") as handle:
@@ -425,7 +425,7 @@ def read_ml1m(folder: str | Path, skip_malformed: bool = False) -> RawDataset:
 # --------------------------------------------------------------------------- ML-20M / ML-25M (CSV)
 
 
-def _csv_header(path: Path, required: tuple[str, ...]) -> tuple[tuple[str, ...], Iterator[tuple[int, list[str]]]]:
+def _csv_header(path: Path, required: tuple[str, ...]) -> tuple[tuple[str, ...], Generator[tuple[int, list[str]], None, None]]:
     """Check the header of a CSV file names every required column; return the names and the data records."""
     records = _csv_records(path)
     first = next(records, None)

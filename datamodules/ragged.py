@@ -6,11 +6,12 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import NoReturn, SupportsIndex, overload
 
 import numpy as np
 
 
-class Ragged(Sequence):
+class Ragged(Sequence[np.ndarray]):
     """Sequence ``i`` is ``values[offsets[i]:offsets[i + 1]]``, handed out as a view.
 
     It behaves like the list of arrays it replaces (len, indexing, iteration), and its
@@ -36,7 +37,13 @@ class Ragged(Sequence):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, i):  # type: ignore[override]
+    @overload
+    def __getitem__(self, i: SupportsIndex) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> NoReturn: ...
+
+    def __getitem__(self, i: SupportsIndex | slice) -> np.ndarray:
         if isinstance(i, slice):
             raise TypeError("Ragged: index with an integer, or use take() for many rows")
         n = len(self)

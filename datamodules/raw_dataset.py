@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
@@ -46,7 +47,7 @@ class RowProblems:
         self.counts: dict[str, int] = {}
         self.first: dict[str, str] = {}
 
-    def report(self, path: str, line: int, bad: BadRow, count: int = 1) -> None:
+    def report(self, path: str | Path, line: int, bad: BadRow, count: int = 1) -> None:
         """Raise for ``bad`` (found at ``line``), or count it, plus ``count - 1`` like rows after it."""
         error = DataFormatError(str(path), bad.message, line=line, field=bad.field)
         if not self.skip:

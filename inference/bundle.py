@@ -383,7 +383,7 @@ def _read_users(path: Path, num_items: int) -> UserTable:
 
 
 def _build_model(
-    folder: Path, spec: dict[str, Any], catalog_path: Path, tokens: np.ndarray | None, cold: np.ndarray, device: str | torch.device
+    folder: Path, spec: dict[str, Any], catalog_path: Path, tokens: tuple[torch.Tensor, torch.Tensor] | None, cold: np.ndarray, device: str | torch.device
 ) -> TwoTowerModel:
     """The model of ``spec`` with the bundle's weights, in eval mode on ``device``."""
     has_encoder = spec["item_tower"].get("encoder") is not None

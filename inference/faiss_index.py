@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import faiss
 import numpy as np
@@ -85,7 +86,9 @@ def build_ivfpq(x: np.ndarray, nlist: int, nprobe: int, pq_m: int | None, refine
     if d % m:
         raise ValueError(f"infer.index.pq_m={m} must divide the vector dimension {d}")
     lists = max(1, min(nlist, n // 39))  # k-means wants about 39 points per list
-    index = faiss.index_factory(d, f"IVF{lists},PQ{m}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+    # index_factory is typed to return Index; faiss hands back the concrete class, here the
+    # IndexRefineFlat that the ",RFlat" suffix wraps around the IVF index
+    index = cast(faiss.IndexRefineFlat, faiss.index_factory(d, f"IVF{lists},PQ{m}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT))
     rng = np.random.default_rng(0)
     index.train(x if n <= 64 * lists else x[np.sort(rng.choice(n, 64 * lists, replace=False))])
     index.add(x)

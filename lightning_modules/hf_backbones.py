@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2Model, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2Model, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ def build_bert_encoder(
     intermediate_size: int = 1536,
     dropout: float = 0.1,
     attn_implementation: str = "sdpa",
-) -> torch.nn.Module:
+) -> PreTrainedModel:
     """A BERT-family encoder: pretrained weights from a path/hub name, or a fresh one of the given size."""
     if pretrained:
         path = resolve_pretrained(pretrained)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,19 @@ def tokenize_catalog(tokenizer, texts: list[str], max_tokens: int, chunk: int = 
     return token_ids[:, :width].contiguous(), attention_mask[:, :width].contiguous()
 
 
+def bert_layers(encoder: PreTrainedModel) -> nn.ModuleList:
+    """The transformer blocks of a BERT-family encoder (``encoder.encoder.layer``)."""
+    # torch types a submodule reached by attribute (Module.__getattr__) as Tensor | Module;
+    # in the BERT family ``encoder`` is the block stack and ``layer`` its ModuleList
+    return cast(nn.ModuleList, cast(nn.Module, encoder.encoder).layer)
+
+
+def bert_embeddings(encoder: PreTrainedModel) -> nn.Module:
+    """The embedding layer of a BERT-family encoder (``encoder.embeddings``)."""
+    # Module.__getattr__ types it Tensor | Module; in the BERT family it is a module
+    return cast(nn.Module, encoder.embeddings)
+
+
 class ItemTower(nn.Module):
     """Maps item indices to ``dim``-vectors: projected pooled text encoding (+ id embedding).
 
@@ -69,11 +84,16 @@ class ItemTower(nn.Module):
     ``unfreeze_top_layers`` only the top layers (and the projection) train.
     """
 
+    # buffers (registered in __init__; token_ids and attention_mask only with an encoder)
+    token_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    cold: torch.Tensor
+
     def __init__(
         self,
         num_items: int,
         dim: int,
-        encoder: nn.Module | None = None,
+        encoder: PreTrainedModel | None = None,
         token_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pooling: str = "mean",
@@ -116,7 +136,7 @@ class ItemTower(nn.Module):
         # training only: each item of a batch loses its id embedding with this probability, so
         # the text path alone must score it (what a cold-start item has)
         self.id_dropout = id_dropout
-        self.text_proj: nn.Module | None = None
+        self.text_proj: nn.Linear | None = None
         if encoder is not None:
             if token_ids is None or attention_mask is None or token_ids.shape[0] != num_items:
                 raise ValueError("ItemTower: token_ids/attention_mask for every catalog item are required with an encoder")
@@ -132,7 +152,7 @@ class ItemTower(nn.Module):
         # (in eval mode) when it fits in this many bytes; the trainable layers run every step
         self.frozen_bottom = 0
         if encoder is not None and freeze_encoder and unfreeze_top_layers:
-            self.frozen_bottom = len(encoder.encoder.layer) - unfreeze_top_layers
+            self.frozen_bottom = len(bert_layers(encoder)) - unfreeze_top_layers
         self.cache_frozen_layers_max_bytes = cache_frozen_layers_max_bytes
         self._bottom_cache: torch.Tensor | None = None
         self.train()
@@ -166,6 +186,7 @@ class ItemTower(nn.Module):
         if n == 0:
             return new
         if self.encoder is not None:
+            assert token_ids is not None and attention_mask is not None  # checked above: an encoder needs both
             device = self.token_ids.device
             width = max(self.token_ids.shape[1], token_ids.shape[1])
 
@@ -195,25 +216,27 @@ class ItemTower(nn.Module):
 
     def _apply_freezing(self, freeze: bool, unfreeze_top_layers: int) -> None:
         assert self.encoder is not None
-        layers = self.encoder.encoder.layer
+        layers = bert_layers(self.encoder)
         if unfreeze_top_layers < 0 or unfreeze_top_layers > len(layers):
             raise ValueError(f"model.item_tower.unfreeze_top_layers must be in [0, {len(layers)}], got {unfreeze_top_layers}")
         self.encoder.requires_grad_(not freeze)
         if freeze and unfreeze_top_layers:
             for layer in layers[len(layers) - unfreeze_top_layers :]:
                 layer.requires_grad_(True)
-        if getattr(self.encoder, "pooler", None) is not None:
+        pooler = getattr(self.encoder, "pooler", None)
+        if pooler is not None:
             # the tower pools the last hidden states itself: BERT's pooler is never used
-            self.encoder.pooler.requires_grad_(False)
+            pooler.requires_grad_(False)
 
     def train(self, mode: bool = True) -> ItemTower:
         """A fully frozen encoder stays in eval mode (no dropout), whatever the tower's mode.
         (Whether it is frozen is read here: after changing ``requires_grad`` by hand, call
         ``train()`` or ``eval()`` again.)"""
         super().train(mode)
-        self._frozen = self.encoder is not None and not any(p.requires_grad for p in self.encoder.parameters())
-        if self._frozen:
-            self.encoder.eval()
+        encoder = self.encoder
+        self._frozen = encoder is not None and not any(p.requires_grad for p in encoder.parameters())
+        if self._frozen and encoder is not None:  # frozen implies an encoder
+            encoder.eval()
         return self
 
     @property
@@ -232,12 +255,13 @@ class ItemTower(nn.Module):
             return int(self.chunk_size)
         if device not in self._auto_chunks:
             free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-            config = self.encoder.config if self.encoder is not None else None
+            encoder = self.encoder
+            config = encoder.config if encoder is not None else None
             size = CPU_CHUNK_SIZE
-            if config is not None:
-                trainable = sum(any(p.requires_grad for p in layer.parameters()) for layer in self.encoder.encoder.layer)
+            if encoder is not None and config is not None:
+                trainable = sum(any(p.requires_grad for p in layer.parameters()) for layer in bert_layers(encoder))
                 autocast = device.type != "cpu" and torch.is_autocast_enabled(device.type)
-                width = 2 if autocast else next(self.encoder.parameters()).element_size()
+                width = 2 if autocast else next(encoder.parameters()).element_size()
                 size = auto_chunk_size(device.type, free, config.hidden_size, max(1, trainable), config.num_attention_heads, self.token_ids.shape[1], width)
             self._auto_chunks[device] = size
             log.info("item tower: %d items per encoder chunk on %s", size, device)
@@ -283,24 +307,30 @@ class ItemTower(nn.Module):
         trainable layers are called directly (``_run_layers``), and layers of one shape share their
         graphs (torch passes their parameters as inputs), so compile time does not grow with depth."""
         assert self.encoder is not None
-        for layer in self.encoder.encoder.layer:
+        for layer in bert_layers(self.encoder):
             layer.compile(**options)
         self._compiled = True
+
+    def _text_encoder(self) -> PreTrainedModel:
+        """The encoder, on the paths that only a tower with one takes (text encoding)."""
+        assert self.encoder is not None
+        return self.encoder
 
     def _encode_chunk(self, item_idx: torch.Tensor, width: int) -> torch.Tensor:
         ids = self.token_ids[item_idx, :width]
         mask = self.attention_mask[item_idx, :width]
         bottom = self._frozen_bottom_states()
         if bottom is None:
-            hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = self._text_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         else:
             hidden = self._run_layers(bottom[item_idx, :width], mask, self.frozen_bottom)
         return self._pool(hidden, mask)
 
     def _run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, first: int, last: int | None = None) -> torch.Tensor:
         """Encoder layers ``first``..``last`` over hidden states (bidirectional, padding masked)."""
-        attention = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden, attention_mask=mask)
-        for layer in self.encoder.encoder.layer[first:last]:
+        encoder = self._text_encoder()
+        attention = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=mask)
+        for layer in bert_layers(encoder)[first:last]:
             hidden = layer(hidden, attention)
         return hidden
 
@@ -311,7 +341,7 @@ class ItemTower(nn.Module):
             return None
         device = self.token_ids.device
         if self._bottom_cache is None or self._bottom_cache.device != device:
-            size = self.token_ids.numel() * self.encoder.config.hidden_size * 4
+            size = self.token_ids.numel() * self._text_encoder().config.hidden_size * 4
             if size > self.cache_frozen_layers_max_bytes:
                 return None
             self._bottom_cache = self._bottom_states(self.token_ids, self.attention_mask)
@@ -321,13 +351,14 @@ class ItemTower(nn.Module):
     @torch.no_grad()
     def _bottom_states(self, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states after the frozen lower layers (in eval mode), in chunks."""
-        was_training = self.encoder.training
-        self.encoder.eval()
+        encoder = self._text_encoder()
+        was_training = encoder.training
+        encoder.eval()
         chunks = []
         size = self.chunk_size_on(token_ids.device)
         for ids, mask in zip(token_ids.split(size), attention_mask.split(size)):
-            chunks.append(self._run_layers(self.encoder.embeddings(input_ids=ids), mask, 0, self.frozen_bottom))
-        self.encoder.train(was_training)
+            chunks.append(self._run_layers(bert_embeddings(encoder)(input_ids=ids), mask, 0, self.frozen_bottom))
+        encoder.train(was_training)
         return torch.cat(chunks)
 
     def _frozen_text(self, item_idx: torch.Tensor) -> torch.Tensor:
@@ -348,13 +379,14 @@ class ItemTower(nn.Module):
         every item asked for: the encoder is not run."""
         flat = item_idx.reshape(-1)
         unique, inverse = torch.unique(flat, return_inverse=True)
-        out = None
+        out: torch.Tensor | None = None
         if self.encoder is not None:
             if encoded is not None:
                 known, text = encoded
                 text = text[torch.searchsorted(known, unique)]
             else:
                 text = self._frozen_text(unique) if self.encoder_frozen else self.encode_text(unique)
+            assert self.text_proj is not None  # built in __init__ with the encoder
             out = self.text_proj(text)
         if self.id_embedding is not None:
             ids = self.id_embedding(unique)
@@ -364,6 +396,7 @@ class ItemTower(nn.Module):
                 keep = torch.rand(unique.shape[0], device=ids.device) >= self.id_dropout
                 ids = ids * keep.unsqueeze(-1).to(ids.dtype)
             out = ids if out is None else out + ids
+        assert out is not None  # __init__ requires the encoder or the id embedding
         if dropout:
             out = self.dropout(out)
         return out[inverse].reshape(*item_idx.shape, self.dim)

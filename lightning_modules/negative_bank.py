@@ -42,6 +42,7 @@ class NegativeBank(nn.Module):
         if self.items is None or self.steps % self.refresh_steps == 0 or self.items.device != device:
             self.refresh(loss, tower, device)
         self.steps += 1
+        assert self.items is not None  # refresh() draws them
         return self.items
 
     @torch.no_grad()
@@ -56,6 +57,8 @@ class NegativeBank(nn.Module):
     def merge(self, fresh: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One table of encodings (sorted distinct items, their texts): the ``fresh`` ones (with
         gradients) and the bank's stale ones of every other item. The bank must hold encodings."""
+        if self.unique is None or self.text is None:
+            raise RuntimeError("NegativeBank.merge: the bank holds no text encodings (drawn with a trainable text encoder)")
         items, text = fresh
         stale = ~torch.isin(self.unique, items)
         merged = torch.cat([items, self.unique[stale]])

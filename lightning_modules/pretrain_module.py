@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
+from lightning_modules.item_tower import bert_embeddings
 from lightning_modules.retrieval_module import RetrievalModule
 
 
@@ -31,6 +35,8 @@ class PretrainModule(RetrievalModule):
     """Next-item pretraining of both towers; ``mlm_weight`` > 0 adds masked-language modelling
     of item text on the item tower's encoder (which then must have trainable layers)."""
 
+    special_ids: torch.Tensor  # a buffer, registered in __init__ with MLM
+
     def __init__(
         self,
         *args,
@@ -45,7 +51,7 @@ class PretrainModule(RetrievalModule):
         self.mlm_weight = mlm_weight
         self.mlm_probability = mlm_probability
         self.mlm_batch_items = mlm_batch_items
-        self.mlm_head = None
+        self.mlm_head: BertOnlyMLMHead | None = None
         if mlm_weight > 0:
             encoder = self.model.item_tower.encoder
             if encoder is None or self.model.item_tower.encoder_frozen:
@@ -55,7 +61,8 @@ class PretrainModule(RetrievalModule):
             if mask_token_id is None:
                 raise ValueError("MLM needs the tokenizer's mask token id")
             self.mlm_head = BertOnlyMLMHead(encoder.config)
-            self.mlm_head.predictions.decoder.weight = encoder.embeddings.word_embeddings.weight
+            # Module.__getattr__ types word_embeddings Tensor | Module; in the BERT family it is the token nn.Embedding
+            self.mlm_head.predictions.decoder.weight = cast(nn.Embedding, bert_embeddings(encoder).word_embeddings).weight
             # the head's forward adds decoder.bias only: one bias, else `predictions.bias` is a
             # trainable parameter that never gets a gradient (as BertForMaskedLM ties them)
             self.mlm_head.predictions.bias = self.mlm_head.predictions.decoder.bias
@@ -64,13 +71,16 @@ class PretrainModule(RetrievalModule):
 
     def mlm_loss(self) -> torch.Tensor:
         tower = self.model.item_tower
+        encoder, head = tower.encoder, self.mlm_head
+        if encoder is None or head is None:
+            raise RuntimeError("PretrainModule.mlm_loss: MLM is off (pretrain.mlm_weight = 0)")
         warm = (~tower.cold).nonzero().squeeze(1)  # held-out (cold-start) items' text is never fitted
         items = warm[torch.randint(warm.numel(), (self.mlm_batch_items,), device=warm.device)]
         ids, attention = tower.token_ids[items], tower.attention_mask[items]
         special = torch.isin(ids, self.special_ids)
-        inputs, labels = mask_tokens(ids, attention, special, self.mask_token_id, tower.encoder.config.vocab_size, self.mlm_probability)
-        hidden = tower.encoder(input_ids=inputs, attention_mask=attention).last_hidden_state
-        logits = self.mlm_head(hidden)
+        inputs, labels = mask_tokens(ids, attention, special, self.mask_token_id, encoder.config.vocab_size, self.mlm_probability)
+        hidden = encoder(input_ids=inputs, attention_mask=attention).last_hidden_state
+        logits = head(hidden)
         if not (labels >= 0).any():
             return logits.sum() * 0.0
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)

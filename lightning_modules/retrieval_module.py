@@ -8,6 +8,7 @@ import math
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.types import OptimizerLRScheduler
 
 from lightning_modules.negative_bank import NegativeBank
 from lightning_modules.ranking_metrics import DEFAULT_KS, RankingAccumulator
@@ -67,6 +68,7 @@ class RetrievalModule(pl.LightningModule):
     # ---- objective -------------------------------------------------------------------
     def next_item_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         items, mask, targets = batch["items"], batch["mask"], batch["targets"]
+        select: torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # the predicted positions: (rows, columns) or a mask
         if self.train_positions == "last":
             rows = torch.arange(targets.shape[0], device=targets.device)
             select = (rows, mask.long().sum(dim=1) - 1)
@@ -76,8 +78,10 @@ class RetrievalModule(pl.LightningModule):
         tower = self.model.item_tower
         shared = self.shared_item_encoding and self.training and tower.encoder is not None and not tower.encoder_frozen
         states = None if shared else self.model.user_states(items, mask)
-        bank = self.negative_bank if self.training and self.sampled_loss is not None else None
-        sampled = bank.draw(self.sampled_loss, tower, positives.device) if bank is not None else None
+        bank, sampled = None, None
+        if self.training and self.sampled_loss is not None and self.negative_bank is not None:
+            bank = self.negative_bank
+            sampled = bank.draw(self.sampled_loss, tower, positives.device)
         if self.sampled_loss is not None:
             cand, labels, log_q = self.sampled_loss.candidates(positives, sampled=sampled)
         stale = bank is not None and bank.text is not None
@@ -90,8 +94,10 @@ class RetrievalModule(pl.LightningModule):
             encoded = (fresh, tower.encode_text(fresh))
         if shared:
             states = self.model.user_states(items, mask, encoded=encoded)
+        assert states is not None  # computed above, or just now when shared
         users = states[select]
         if stale:
+            assert bank is not None and encoded is not None  # stale: a bank with encodings, and the fresh ones computed above
             if shared:  # fresh encodings score the positives only, as without sharing: a negative
                 # that is also a history item keeps the bank's (no encoder gradient through it)
                 keep = torch.isin(encoded[0], positives)
@@ -112,16 +118,24 @@ class RetrievalModule(pl.LightningModule):
         self._catalog = self.model.catalog_vectors()
         self._val = RankingAccumulator(self.model.item_tower.num_items, self.ks, self.item_categories)
 
+    def _validation_state(self) -> tuple[torch.Tensor, RankingAccumulator]:
+        """The catalog vectors and the metrics accumulator of the running validation epoch."""
+        if self._catalog is None or self._val is None:
+            raise RuntimeError("RetrievalModule: no validation epoch running (on_validation_epoch_start builds the catalog and the accumulator)")
+        return self._catalog, self._val
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        scores = self.model.score(self.model.user_vectors(batch["items"], batch["mask"]), self._catalog)
-        self._val.update(scores, batch["targets"], batch["seen"], batch["users"])
+        catalog, val = self._validation_state()
+        scores = self.model.score(self.model.user_vectors(batch["items"], batch["mask"]), catalog)
+        val.update(scores, batch["targets"], batch["seen"], batch["users"])
         return scores
 
     def on_validation_epoch_end(self) -> None:
+        _, val = self._validation_state()
         if self.trainer.world_size > 1:  # every rank ranked a shard of the users: gather them all
-            self._val.merge_gathered(lambda t: self.all_gather(t.to(self.device)))
-        metrics = self._val.compute()
-        n = sum(r.numel() for r in self._val.ranks)
+            val.merge_gathered(lambda t: self.all_gather(t.to(self.device)))
+        metrics = val.compute()
+        n = sum(r.numel() for r in val.ranks)
         for name, value in metrics.items():  # identical on every rank: no reduction needed
             self.log(f"val/{name}", value, prog_bar=name == "ndcg@10", batch_size=n)
         if not self.trainer.sanity_checking:
@@ -137,7 +151,7 @@ class RetrievalModule(pl.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         return device.type == "cuda"
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         encoder = self.model.item_tower.encoder
         encoder_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
         groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}

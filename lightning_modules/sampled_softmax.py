@@ -22,6 +22,11 @@ class SampledSoftmaxLoss(nn.Module):
     distribution built once (a binary search per draw).
     """
 
+    # buffers (registered in __init__); allowed_idx is None when every item may be sampled
+    allowed_idx: torch.Tensor | None
+    data_p: torch.Tensor
+    proposal: torch.Tensor
+
     def __init__(
         self,
         item_counts: torch.Tensor,
@@ -69,11 +74,13 @@ class SampledSoftmaxLoss(nn.Module):
             if self.allowed_idx is None:
                 return torch.randint(self.num_items, (count,), generator=generator, device=device)
             return self.allowed_idx[torch.randint(self.allowed_idx.numel(), (count,), generator=generator, device=device)]
-        if self.cdf.device != device:
-            self.cdf = self.cdf.to(device)
-        u = torch.rand(count, generator=generator, device=device, dtype=torch.float64) * self.cdf[-1]
+        cdf = self.cdf
+        assert cdf is not None  # built in __init__ for every sampler but the uniform one
+        if cdf.device != device:
+            cdf = self.cdf = cdf.to(device)
+        u = torch.rand(count, generator=generator, device=device, dtype=torch.float64) * cdf[-1]
         # the first item whose cumulative weight exceeds u: item i with probability weight_i / total
-        return torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.last_allowed)
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=self.last_allowed)
 
     def candidates(
         self, positives: torch.Tensor, generator: torch.Generator | None = None, sampled: torch.Tensor | None = None

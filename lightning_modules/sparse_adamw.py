@@ -47,6 +47,7 @@ class SparseRowAdamW(torch.optim.AdamW):
         return loss
 
     def _update_rows(self, p: torch.Tensor, group: dict) -> None:
+        assert p.grad is not None  # step() calls this only for parameters with a sparse gradient
         grad = p.grad.coalesce()  # one row per index: repeated rows' gradients summed
         rows, g = grad.indices()[0], grad.values()
         state = self.state[p]

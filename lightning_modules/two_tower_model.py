@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from lightning_modules.item_tower import ItemTower
 from lightning_modules.user_tower import UserTower
@@ -27,7 +28,7 @@ class TwoTowerModel(nn.Module):
         """Recompute every GPT-2 block, and every BERT block when any of them trains, in the
         backward pass instead of keeping their activations (non-reentrant torch checkpointing,
         dropout replayed with the same random state: the same gradients, less memory)."""
-        modules = [self.user_tower.gpt]
+        modules: list[PreTrainedModel] = [self.user_tower.gpt]
         encoder = self.item_tower.encoder
         if encoder is not None and any(p.requires_grad for p in encoder.parameters()):
             modules.append(encoder)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel, GPT2Config, GPT2Model
+from transformers import AutoConfig, AutoModel, GPT2Config, GPT2Model, PreTrainedModel
 
 from lightning_modules.item_tower import ItemTower
 from lightning_modules.two_tower_model import TwoTowerModel
@@ -20,7 +20,7 @@ from lightning_modules.user_tower import UserTower
 SPEC_KIND = "towerrec.two_tower"
 
 
-def _hf_config(module: torch.nn.Module) -> dict[str, Any]:
+def _hf_config(module: PreTrainedModel) -> dict[str, Any]:
     config = module.config
     out = config.to_dict()
     out["_attn_implementation"] = getattr(config, "_attn_implementation", None) or "eager"
@@ -55,7 +55,7 @@ def describe(model: TwoTowerModel) -> dict[str, Any]:
     }
 
 
-def _build_encoder(spec: dict[str, Any]) -> torch.nn.Module:
+def _build_encoder(spec: dict[str, Any]) -> PreTrainedModel:
     config = dict(spec["config"])
     attn = config.pop("_attn_implementation", "eager")
     hf_config = AutoConfig.for_model(config.pop("model_type"), **config)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import GPT2Model
 
 
 class UserTower(nn.Module):
     """Causal GPT-2 reading item representations; every position is a user state."""
 
-    def __init__(self, gpt: nn.Module, dim: int):
+    def __init__(self, gpt: GPT2Model, dim: int):
         super().__init__()
         self.gpt = gpt
         # the tower feeds ``inputs_embeds``: GPT-2's token embedding never gets a gradient, and

@@ -157,7 +157,7 @@ def create_app(service: Recommender, admin_token: str | None = None, max_body_by
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request", "type": ""}
+        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request", "type": ""}
         if first.get("type") == "json_invalid":
             return JSONResponse({"error": f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}", "field": "body"}, status_code=400)
         field = _field_of(tuple(first.get("loc", ())))

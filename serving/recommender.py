@@ -46,7 +46,7 @@ class Batcher:
         import queue
 
         self.compute, self.max_batch = compute, max_batch
-        self.queue: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()  # None: stop()
         self.batches = self.rows = 0
         threading.Thread(target=self._loop, name="towerrec-batcher", daemon=True).start()
 
@@ -246,7 +246,11 @@ class Recommender:
         self.batcher = Batcher(lambda m, histories: self._user_vectors(m, histories).numpy())
         self.reason_template = reason_template
         self.bundle_path = Path(bundle_path)
-        self.state = state if state is not None else LiveState(state_dir, max_history, fsync)
+        if state is None:
+            if state_dir is None:
+                raise TypeError("Recommender: give a state_dir, or a shared state")
+            state = LiveState(state_dir, max_history, fsync)
+        self.state = state
         self._model = _load_serving_model(self.bundle_path)
         self._reload_lock = threading.Lock()
         self._synced = 0  # item records before this log offset are in the serving model
@@ -290,8 +294,8 @@ class Recommender:
         live = [item for offset, item in self.state.live_events(user_id) if offset >= m.consumed_offset]
         if u is None and not live:
             raise ServiceError(404, f"unknown user_id {user_id!r}: no stored history and no ingested event; send events or a history", "user_id")
-        idx = stored + [m.index_of(item) for item in live]
-        return [i for i in idx if i is not None], ["stored"] * len(stored) + ["live"] * len(live)
+        found = stored + [m.index_of(item) for item in live]  # None: an item the model lacks
+        return [i for i in found if i is not None], ["stored"] * len(stored) + ["live"] * len(live)
 
     def user_state(self, user_id: str) -> dict[str, Any]:
         m = self._model
@@ -428,7 +432,8 @@ class Recommender:
             vectors = torch.from_numpy(m.vectors)
             unit = torch.from_numpy(m.unit)
             closest = torch.full((m.num_items,), -1.0)
-            sequence, out = list(hist), []
+            sequence = list(hist)
+            out: list[dict[str, Any]] = []
             for _ in range(length):
                 logits = vectors @ torch.from_numpy(self._user_vector(m, sequence)) / float(m.bundle.model.temperature)
                 if diversity > 0 and out:
