@@ -31,12 +31,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = restore_config(config["cfg"])
     stage, run_dir = config["stage"], Path(config["run_dir"])
-    if "overrides" in config:  # a Tune trial: its sampled values, its own folder and wandb run
-        trial = ray.train.get_context().get_trial_name()
+    if "trial" in config:  # a Tune trial: its sampled values, its own folder and wandb run
+        trial = config["trial"]
         cfg = apply_overrides(cfg, config["overrides"])
         run_dir = run_dir / "trials" / trial
         cfg.paths.output_dir = str(run_dir)
-        cfg.logger.wandb.enabled = False  # the sweep's driver logs each trial to wandb (jobs/sweep.py)
+        cfg.logger.wandb.enabled = False  # the sweep's driver logs each trial to wandb (jobs/runtime/stages/sweep.py)
         cfg.run_name = trial
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -103,26 +103,27 @@ def run_name_of(cfg: DictConfig, run_dir: Path) -> str:
     return cfg.run_name or f"{cfg.experiment_name}-{cfg.job}-{run_dir.parent.name}-{run_dir.name}"
 
 
-def torch_trainer(cfg: DictConfig, stage: str, run_dir: Path, name: str, storage: str, extra: dict | None = None):
+def torch_trainer(cfg: DictConfig, stage: str, run_dir: Path, name: str, storage: str, extra: dict | None = None, callbacks: list | None = None):
     """The TorchTrainer of one stage: scaling from ``cfg.hardware``, best-k checkpoints by the
-    monitor, restarts of dead workers. ``extra`` goes into the workers' config (Tune trials)."""
+    monitor, restarts of dead workers. ``extra`` goes into the workers' config and ``callbacks``
+    into the run's (a Tune trial's values and name, and its report to Tune)."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     hw = cfg.hardware
     # the resources the placement check counted; Ray sets each worker's torch threads to its CPUs
-    scaling = dict(num_workers=hw.num_workers, use_gpu=hw.accelerator == "gpu", resources_per_worker=train_needs(cfg).per_bundle())
-    if not is_train_v2():
-        scaling["trainer_resources"] = {"CPU": 0}  # the Tune trial's coordinator holds no core
+    scaling = ScalingConfig(num_workers=hw.num_workers, use_gpu=hw.accelerator == "gpu", resources_per_worker=train_needs(cfg).per_bundle())
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "stage": stage, "run_dir": str(run_dir), **(extra or {})},
-        scaling_config=ScalingConfig(**scaling),
-        run_config=run_config(cfg, name, storage),
+        scaling_config=scaling,
+        run_config=run_config(cfg, name, storage, callbacks),
     )
 
 
 def run_config(cfg: DictConfig, name: str, storage: str, callbacks: list | None = None):
+    """A Ray Train run named ``name`` under ``storage``; started again with the same name it
+    resumes from its latest checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     return RunConfig(
@@ -134,12 +135,6 @@ def run_config(cfg: DictConfig, name: str, storage: str, callbacks: list | None 
         ),
         failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
     )
-
-
-def is_train_v2() -> bool:
-    from ray.train.v2._internal.constants import is_v2_enabled
-
-    return is_v2_enabled()
 
 
 def storage_of(cfg: DictConfig) -> str:
