@@ -107,6 +107,10 @@ def ray_session(cfg: DictConfig, needs: Needs | None = None, shared: Mapping[str
     env_vars = {k: v for k, v in os.environ.items() if k.startswith(("WANDB_", "TOWERREC_", "HF_"))}
     env_vars.setdefault("WANDB_MODE", os.environ.get("WANDB_MODE", cfg.logger.wandb.mode))
     kwargs: dict = dict(include_dashboard=c.include_dashboard, log_to_driver=True, runtime_env={"env_vars": env_vars})
+    if not address:
+        # Ray Train's watcher for nodes being drained (spot preemption) has nothing to watch on a
+        # Ray of this machine alone; it would cost every Train run another actor process.
+        env_vars.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"))
     if not address and (state_api or c.include_dashboard):
         # Ray's state API clients find the server through the cluster's GCS, which they detect by
         # looking for GCS processes on the machine: with more than one Ray running here they fail.

@@ -2,7 +2,7 @@
 with its own Ray Train workers, an ASHA scheduler stopping weak trials on the validation metric
 reported each epoch.
 
-Pattern (Ray Train v2): every trial is a Tune function (:func:`sweep_trial`) that runs a
+Pattern (Ray Train v2): every trial is a Tune function (``ray_fit.sweep_trial``) that runs a
 ``TorchTrainer`` of its own, with Tune's ``TuneReportCallback`` passing each epoch's report on to
 Tune. The trial's function holds no core (the Train workers hold them); ``max_concurrent_trials``
 bounds the Train runs in flight. When ASHA stops a trial Tune ends its actor, and with it the Train
@@ -34,7 +34,7 @@ from jobs.runtime.config.run_folder import create_run_folder, run_log_file, writ
 from jobs.runtime.config.schema import validate
 from jobs.runtime.tracking.console import say
 from jobs.runtime.tracking.wandb_runs import log_job_result, trial_tracker
-from jobs.runtime.training.ray_fit import storage_of, torch_trainer
+from jobs.runtime.training.ray_fit import storage_of, sweep_trial
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +73,12 @@ def concurrency(cfg: DictConfig) -> int:
     return max(1, int(total.get("CPU", 1) // (hw.num_workers * cpus_per_worker(cfg))))
 
 
-def sweep_trial(config: dict[str, Any], cfg: DictConfig, stage: str, run_dir: str, train_storage: str) -> None:
-    """One trial, run by Tune in an actor of its own: a Ray Train run of ``stage`` with the
-    trial's sampled values (``config["overrides"]``), named after the trial, so that a resumed
-    sweep resumes it from its latest checkpoint; every report of its workers goes on to Tune."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    trial = tune.get_context().get_trial_name()
-    extra = {"overrides": config["overrides"], "trial": trial}
-    torch_trainer(cfg, stage, Path(run_dir), trial, train_storage, extra=extra, callbacks=[TuneReportCallback()]).fit()
-
-
 class TrialRecord(tune.Callback):
     """Stamps every result Tune gets from a trial with when the trial started, when the result
     came, and whether Tune stopped the trial on it. Tune marks the result on which it stops a
-    trial ``done``; here only ASHA stops trials (there are no stop criteria, and ASHA lets a trial
-    that reaches max_t end with its Train run), and a Train run that ends by itself sends no such
-    result. Tune keeps the last result in the trial's state, so a resumed sweep keeps the record."""
+    trial ``done``; here only ASHA stops trials (there are no stop criteria), and a Train run that
+    ends by itself sends no such result. Tune keeps the last result in the trial's state, so a
+    resumed sweep keeps the record."""
 
     def __init__(self) -> None:
         self.started: dict[str, float] = {}
@@ -112,15 +101,19 @@ def best_of_trial(result, metric: str, mode: str) -> float:
 
 
 def trials_table(results, cfg: DictConfig) -> pd.DataFrame:
-    """One row per trial: its sampled values, best and last metric, status (STOPPED_EARLY: ASHA
-    stopped it), epochs, seconds, and when it started and last reported (seconds since the epoch)."""
+    """One row per trial: its sampled values, best and last metric, status, epochs, seconds, and
+    when it started and last reported (seconds since the epoch). STOPPED_EARLY: ASHA stopped it
+    with epochs left (ASHA also has a rung at max_t when max_t is grace_period times a power of
+    reduction_factor; a trial it stops there has run them all)."""
     s = cfg.sweep
+    max_epochs = cfg[s.stage].max_epochs
     rows = []
     for r in results:
         overrides = (r.config or {}).get("overrides", {})
         metrics = r.metrics or {}
-        status = "ERROR" if r.error else ("STOPPED_EARLY" if metrics.get(STOPPED_BY_SCHEDULER) else "COMPLETED")
-        row = {"trial": Path(r.path).name if r.path else "", "status": status, "epochs": int(metrics.get("epochs_completed", 0))}
+        epochs = int(metrics.get("epochs_completed", 0))
+        status = "ERROR" if r.error else ("STOPPED_EARLY" if metrics.get(STOPPED_BY_SCHEDULER) and epochs < max_epochs else "COMPLETED")
+        row = {"trial": Path(r.path).name if r.path else "", "status": status, "epochs": epochs}
         row |= {k: (v.item() if hasattr(v, "item") else v) for k, v in overrides.items()}
         row |= {f"best_{s.metric}": best_of_trial(r, s.metric, s.mode), f"last_{s.metric}": float(metrics.get(s.metric, math.nan))}
         row["seconds"] = float(metrics.get("time_total_s", math.nan))
@@ -200,7 +193,7 @@ def run_sweep(cfg: DictConfig) -> dict[str, float]:
                     max_t=cfg[s.stage].max_epochs,
                     grace_period=s.scheduler.grace_period,
                     reduction_factor=s.scheduler.reduction_factor,
-                    stop_last_trials=False,  # a trial that reaches max_t ends with its Train run; ASHA stops only weak ones
+                    stop_last_trials=False,  # no STOP for every trial at max_t: its Train run ends by itself
                 )
             searcher = optuna_searcher(run_dir, name) if (s.searcher.value if hasattr(s.searcher, "value") else s.searcher) == "optuna" else None
             tracker = trial_tracker(cfg, name, run_dir)

@@ -9,14 +9,12 @@ import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping
 
-from jobs.runtime.config.assembly import build_datamodule, build_model, build_trainer, finish_wandb, precision_of
 from jobs.runtime.config.ray_cluster import ray_session, shared_folders, train_needs
-from jobs.runtime.training.bundle_export import export_bundle
-from jobs.runtime.training.callbacks import EpochReport, stage_callbacks
-from jobs.runtime.training.checkpoints import model_state_from_lightning, restore_config
-from jobs.runtime.training.local_fit import build_stage
+
+# Torch, Lightning and the models are imported where they are used: a sweep's Tune trial and the
+# Train controller it starts load this module for torch_trainer alone (importing them takes
+# seconds of CPU in every such process).
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +23,13 @@ def train_loop_per_worker(config: dict) -> None:
     """What every Ray Train worker runs. Plain and importable: ``config`` holds the resolved
     job config (plain containers), the stage and the run folder."""
     import ray.train
+    from pytorch_lightning.callbacks import EarlyStopping
     from ray.train.lightning import RayLightningEnvironment, prepare_trainer
 
+    from jobs.runtime.config.assembly import build_trainer, finish_wandb, precision_of
+    from jobs.runtime.training.callbacks import EpochReport, stage_callbacks
+    from jobs.runtime.training.checkpoints import restore_config
+    from jobs.runtime.training.local_fit import build_stage
     from jobs.runtime.training.ray_strategies import build_strategy
 
     cfg = restore_config(config["cfg"])
@@ -89,6 +92,11 @@ def apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
 def consolidate(checkpoint, run_dir: Path, cfg: DictConfig, stage: str, metrics: dict[str, float], lineage: dict) -> int:
     """Write a reported Ray checkpoint as the stage's model bundle (built here, on the driver,
     with the stage's own datamodule); returns the checkpoint's epoch."""
+    from jobs.runtime.config.assembly import build_datamodule, build_model
+    from jobs.runtime.training.bundle_export import export_bundle
+    from jobs.runtime.training.callbacks import EpochReport
+    from jobs.runtime.training.checkpoints import model_state_from_lightning
+
     with checkpoint.as_directory() as folder:
         state, epoch = model_state_from_lightning(Path(folder) / EpochReport.CHECKPOINT_NAME)
     dm = build_datamodule(cfg)
@@ -119,6 +127,18 @@ def torch_trainer(cfg: DictConfig, stage: str, run_dir: Path, name: str, storage
         scaling_config=scaling,
         run_config=run_config(cfg, name, storage, callbacks),
     )
+
+
+def sweep_trial(config: dict, cfg: DictConfig, stage: str, run_dir: str, train_storage: str) -> None:
+    """One trial, run by Tune in an actor of its own: a Ray Train run of ``stage`` with the
+    trial's sampled values (``config["overrides"]``), named after the trial, so that a resumed
+    sweep resumes it from its latest checkpoint; every report of its workers goes on to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial = tune.get_context().get_trial_name()
+    extra = {"overrides": config["overrides"], "trial": trial}
+    torch_trainer(cfg, stage, Path(run_dir), trial, train_storage, extra=extra, callbacks=[TuneReportCallback()]).fit()
 
 
 def run_config(cfg: DictConfig, name: str, storage: str, callbacks: list | None = None):
