@@ -2,7 +2,7 @@
 training stage on Ray Train, weak trials stopped by ASHA (jobs/runtime/stages/sweep.py)."""
 
 from jobs.runtime.config.entry_point import hydra_main
-from jobs.runtime.stages.sweep import run_sweep as run  # first: it selects Ray Train v1 before Ray loads
+from jobs.runtime.stages.sweep import run_sweep as run
 
 main = hydra_main("sweep", run)
 

@@ -1,5 +1,5 @@
-"""A 4-trial ASHA sweep on 2 CPUs with real Ray Tune + Train, offline wandb per trial, the
-report, Hydra multirun and the TensorBoard dashboard."""
+"""A 4-trial ASHA sweep on 2 CPUs with real Ray Tune over Ray Train v2, offline wandb per trial,
+the report, Hydra multirun and the TensorBoard dashboard."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import sys
 import time
 import urllib.request
 
+import optuna
 import pandas as pd
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 
 from jobs.runtime.tracking.report_page import write_report
@@ -35,7 +37,7 @@ SWEEP = [
 
 @pytest.fixture(scope="module")
 def sweep_run(tmp_path_factory):
-    """The sweep as a user runs it: its own process (it selects Ray Train v1 before importing Ray)."""
+    """The sweep as a user runs it, in its own process."""
     root = tmp_path_factory.mktemp("sweep")
     env = {**os.environ, "WANDB_MODE": "offline", "TOWERREC_ROOT": str(root), "RAY_DASHBOARD_ENABLED": "0"}
     proc = subprocess.run([sys.executable, "-m", "jobs.sweep", *SWEEP], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -49,11 +51,17 @@ def test_asha_stops_a_trial_and_the_next_ones_still_run(sweep_run):
     cfg, run_dir, metrics, stdout = sweep_run
     trials = pd.read_parquet(run_dir / "trials.parquet")
     assert len(trials) == 4 and metrics["sweep/trials"] == 4
-    assert (trials["status"] == "STOPPED_EARLY").sum() >= 1
     assert (trials["status"] != "ERROR").all()
-    stopped = trials.index[trials["status"] == "STOPPED_EARLY"].min()
-    assert (trials.index > stopped).any()  # a later trial got workers after the stop
-    assert {"finetune.lr", "model.user_tower.dropout", "best_val/ndcg@10", "seconds", "epochs"} <= set(trials.columns)
+    # STOPPED_EARLY is Tune's record: the result on which ASHA stopped the trial, with epochs left
+    stopped = trials[trials["status"] == "STOPPED_EARLY"]
+    assert len(stopped) >= 1 and metrics["sweep/stopped_early"] == len(stopped)
+    last_results = {t: tune_last_result(run_dir, t) for t in trials["trial"]}
+    stopped_by_tune = {t for t, r in last_results.items() if r["stopped_by_scheduler"] and r["epochs_completed"] < cfg.finetune.max_epochs}
+    assert stopped_by_tune == set(stopped["trial"])
+    # a trial that started after the first stop got its workers and trained
+    after = trials[trials["started_at"] > stopped["last_report_at"].min()]
+    assert len(after) >= 1 and (after["epochs"] >= 1).all() and after["best_val/ndcg@10"].notna().all()
+    assert {"finetune.lr", "model.user_tower.dropout", "best_val/ndcg@10", "seconds", "epochs", "started_at", "last_report_at"} <= set(trials.columns)
     assert metrics["sweep/placement_groups_left"] == 0  # stopped trials freed their resources
     assert "STOPPED_EARLY" in stdout and "run it: python -m jobs.pipeline" in stdout  # the printed table
 
@@ -105,6 +113,14 @@ def test_hydra_multirun_over_a_small_grid(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted((tmp_path / "outputs" / "multirun" / "finetune").glob("*/*/*/metrics.json"))
     assert len(runs) == 2
+    lrs = sorted(yaml.safe_load((run.parent / "config.yaml").read_text())["finetune"]["lr"] for run in runs)
+    assert lrs == pytest.approx([1e-3, 3e-3])  # one run per value of the grid
+
+
+def tune_last_result(run_dir, trial: str) -> dict:
+    """The last result Tune wrote into a trial's folder (``result.json``, one JSON line per result)."""
+    (folder,) = (run_dir.parents[3] / "outputs" / "ray").glob(f"*/{trial}")
+    return json.loads((folder / "result.json").read_text().splitlines()[-1])
 
 
 def free_port() -> int:
@@ -138,9 +154,10 @@ def test_a_sweep_whose_driver_died_resumes_under_the_same_name(tmp_path):
     trials = tmp_path / "outputs" / "ray" / "resume-me"
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and len(list(trials.glob("TorchTrainer_*"))) < 2 and first.poll() is None:
-            time.sleep(1)
+        while time.monotonic() < deadline and len(list(trials.glob("sweep_trial_*"))) < 2 and first.poll() is None:
+            time.sleep(0.5)
         assert first.poll() is None, "the sweep ended before it could be interrupted"
+        started = {p.name for p in trials.glob("sweep_trial_*")}
     finally:
         os.killpg(first.pid, 9)  # the driver dies, and its Ray with it
         first.wait(timeout=60)
@@ -148,7 +165,9 @@ def test_a_sweep_whose_driver_died_resumes_under_the_same_name(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "sweep: resuming" in second.stdout + second.stderr
     (table,) = (tmp_path / "outputs" / "sweep").glob("*/*/trials.parquet")
-    assert len(pd.read_parquet(table)) == 4
+    resumed = pd.read_parquet(table)
+    assert len(resumed) == 4 and (resumed["status"] != "ERROR").all()
+    assert started <= set(resumed["trial"])  # the trials started before the kill were carried on, not drawn again
 
 
 def test_optuna_searcher_runs_a_sweep(tmp_path):
@@ -160,3 +179,11 @@ def test_optuna_searcher_runs_a_sweep(tmp_path):
     trials = pd.read_parquet(table)
     assert len(trials) == 3 and (trials["status"] != "ERROR").all()
     assert trials["finetune.lr"].between(1e-4, 1e-2).all() and set(trials["finetune.loss.num_negatives"]) <= {16, 64}
+    # Optuna's own study (kept by the sweep) holds the 3 trials, with the very values the trials ran
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(table.parent / "optuna.journal")))
+    (study_name,) = optuna.get_all_study_names(storage)
+    chosen = optuna.load_study(study_name=study_name, storage=storage).trials
+    assert len(chosen) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in chosen)
+    asked = sorted((t.params["overrides/finetune.lr"], t.params["overrides/finetune.loss.num_negatives"]) for t in chosen)
+    ran = sorted(zip(trials["finetune.lr"], trials["finetune.loss.num_negatives"]))
+    assert [lr for lr, _ in asked] == pytest.approx([lr for lr, _ in ran]) and [n for _, n in asked] == [n for _, n in ran]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -83,13 +84,18 @@ def cluster_address(cfg: DictConfig) -> str | None:
 
 
 @contextmanager
-def ray_session(cfg: DictConfig, needs: Needs | None = None, shared: Mapping[str, str] | None = None) -> Iterator[None]:
+def ray_session(cfg: DictConfig, needs: Needs | None = None, shared: Mapping[str, str] | None = None, state_api: bool = False) -> Iterator[None]:
     """Ray for the duration of a job. Starts an embedded Ray (dashboard off unless configured)
     when ``cluster.address`` is null, joins the cluster otherwise; shuts down only what it started.
     On entry it says where the job runs (and the dashboard's address), and fails at once with a
     :class:`PlacementError` when the cluster cannot hold ``needs`` or, on a cluster, when a node
     cannot write the ``shared`` folders (folder -> the config key that sets it); Ray itself would
-    wait for ever."""
+    wait for ever.
+
+    ``state_api``: the embedded Ray also serves Ray's state API (the dashboard's HTTP server, on a
+    free loopback port that every Ray process is told through ``RAY_API_SERVER_ADDRESS``). Ray
+    Train's placement-group cleaner needs it to free the workers of a run whose controller died,
+    as a Tune trial's does when Tune stops the trial; without it the cleaner never finds out."""
     import ray
 
     if ray.is_initialized():
@@ -100,7 +106,17 @@ def ray_session(cfg: DictConfig, needs: Needs | None = None, shared: Mapping[str
     address = cluster_address(cfg)
     env_vars = {k: v for k, v in os.environ.items() if k.startswith(("WANDB_", "TOWERREC_", "HF_"))}
     env_vars.setdefault("WANDB_MODE", os.environ.get("WANDB_MODE", cfg.logger.wandb.mode))
-    kwargs = dict(include_dashboard=c.include_dashboard, log_to_driver=True, runtime_env={"env_vars": env_vars})
+    kwargs: dict = dict(include_dashboard=c.include_dashboard, log_to_driver=True, runtime_env={"env_vars": env_vars})
+    if not address:
+        # Ray Train's watcher for nodes being drained (spot preemption) has nothing to watch on a
+        # Ray of this machine alone; it would cost every Train run another actor process.
+        env_vars.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"))
+    if not address and (state_api or c.include_dashboard):
+        # Ray's state API clients find the server through the cluster's GCS, which they detect by
+        # looking for GCS processes on the machine: with more than one Ray running here they fail.
+        port = free_loopback_port()
+        kwargs |= dict(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+        env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     if address:
         log.info("ray: joining the cluster at %s", address)
         context = ray.init(address=address, **kwargs)
@@ -113,6 +129,12 @@ def ray_session(cfg: DictConfig, needs: Needs | None = None, shared: Mapping[str
         yield
     finally:
         ray.shutdown()
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shared_folders(cfg: DictConfig, storage: str) -> dict[str, str]:

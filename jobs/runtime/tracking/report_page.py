@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -50,10 +51,16 @@ def plot_curves(histories: dict[str, pd.DataFrame], path: Path) -> Path:
     return path
 
 
+def trial_number(trial: str) -> str:
+    """The trial's counter in its Tune name (``<trainable>_<run id>_<00003>_...``), else the name."""
+    found = re.search(r"_[0-9a-f]{5}_(\d{5})(?:_|$)", trial)
+    return found.group(1) if found else trial
+
+
 def plot_trials(trials: pd.DataFrame, metric_col: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(trials) + 2), 4.5))
     colors = {"COMPLETED": "tab:blue", "STOPPED_EARLY": "tab:orange", "ERROR": "tab:red"}
-    short = [t.split("_")[2] if t.count("_") >= 2 else t for t in trials["trial"]]
+    short = [trial_number(t) for t in trials["trial"]]
     ax.bar(range(len(trials)), trials[metric_col].fillna(0), color=[colors.get(s, "gray") for s in trials["status"]])
     ax.set_xticks(range(len(trials)), short, rotation=60, fontsize=7)
     ax.set(title=f"{metric_col} per trial (orange: stopped early by ASHA)", ylabel=metric_col)

@@ -74,7 +74,7 @@ def trial_tracker(cfg: DictConfig, group: str, run_root: Path):
 
         def _run(self, trial):
             if trial.trial_id not in self.runs:
-                overrides = trial.config.get("train_loop_config", {}).get("overrides", {})
+                overrides = trial.config.get("overrides", {})
                 folder = run_root / "trials" / str(trial)
                 folder.mkdir(parents=True, exist_ok=True)
                 self.runs[trial.trial_id] = wandb.init(

@@ -176,7 +176,8 @@ class EpochReport(Callback):
         import ray.train
 
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        metrics |= {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        # epochs_completed: what a sweep's ASHA counts (Tune's training_iteration starts again at 1 in a resumed trial)
+        metrics |= {"epoch": trainer.current_epoch, "epochs_completed": trainer.current_epoch + 1, "step": trainer.global_step}
         staging = tempfile.mkdtemp(prefix=f"towerrec-ckpt-rank{trainer.global_rank}-")
         try:
             trainer.save_checkpoint(str(Path(staging) / self.CHECKPOINT_NAME), weights_only=False)

@@ -9,14 +9,12 @@ import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping
 
-from jobs.runtime.config.assembly import build_datamodule, build_model, build_trainer, finish_wandb, precision_of
 from jobs.runtime.config.ray_cluster import ray_session, shared_folders, train_needs
-from jobs.runtime.training.bundle_export import export_bundle
-from jobs.runtime.training.callbacks import EpochReport, stage_callbacks
-from jobs.runtime.training.checkpoints import model_state_from_lightning, restore_config
-from jobs.runtime.training.local_fit import build_stage
+
+# Torch, Lightning and the models are imported where they are used: a sweep's Tune trial and the
+# Train controller it starts load this module for torch_trainer alone (importing them takes
+# seconds of CPU in every such process).
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +23,23 @@ def train_loop_per_worker(config: dict) -> None:
     """What every Ray Train worker runs. Plain and importable: ``config`` holds the resolved
     job config (plain containers), the stage and the run folder."""
     import ray.train
+    from pytorch_lightning.callbacks import EarlyStopping
     from ray.train.lightning import RayLightningEnvironment, prepare_trainer
 
+    from jobs.runtime.config.assembly import build_trainer, finish_wandb, precision_of
+    from jobs.runtime.training.callbacks import EpochReport, stage_callbacks
+    from jobs.runtime.training.checkpoints import restore_config
+    from jobs.runtime.training.local_fit import build_stage
     from jobs.runtime.training.ray_strategies import build_strategy
 
     cfg = restore_config(config["cfg"])
     stage, run_dir = config["stage"], Path(config["run_dir"])
-    if "overrides" in config:  # a Tune trial: its sampled values, its own folder and wandb run
-        trial = ray.train.get_context().get_trial_name()
+    if "trial" in config:  # a Tune trial: its sampled values, its own folder and wandb run
+        trial = config["trial"]
         cfg = apply_overrides(cfg, config["overrides"])
         run_dir = run_dir / "trials" / trial
         cfg.paths.output_dir = str(run_dir)
-        cfg.logger.wandb.enabled = False  # the sweep's driver logs each trial to wandb (jobs/sweep.py)
+        cfg.logger.wandb.enabled = False  # the sweep's driver logs each trial to wandb (jobs/runtime/stages/sweep.py)
         cfg.run_name = trial
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -89,6 +92,11 @@ def apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
 def consolidate(checkpoint, run_dir: Path, cfg: DictConfig, stage: str, metrics: dict[str, float], lineage: dict) -> int:
     """Write a reported Ray checkpoint as the stage's model bundle (built here, on the driver,
     with the stage's own datamodule); returns the checkpoint's epoch."""
+    from jobs.runtime.config.assembly import build_datamodule, build_model
+    from jobs.runtime.training.bundle_export import export_bundle
+    from jobs.runtime.training.callbacks import EpochReport
+    from jobs.runtime.training.checkpoints import model_state_from_lightning
+
     with checkpoint.as_directory() as folder:
         state, epoch = model_state_from_lightning(Path(folder) / EpochReport.CHECKPOINT_NAME)
     dm = build_datamodule(cfg)
@@ -103,26 +111,39 @@ def run_name_of(cfg: DictConfig, run_dir: Path) -> str:
     return cfg.run_name or f"{cfg.experiment_name}-{cfg.job}-{run_dir.parent.name}-{run_dir.name}"
 
 
-def torch_trainer(cfg: DictConfig, stage: str, run_dir: Path, name: str, storage: str, extra: dict | None = None):
+def torch_trainer(cfg: DictConfig, stage: str, run_dir: Path, name: str, storage: str, extra: dict | None = None, callbacks: list | None = None):
     """The TorchTrainer of one stage: scaling from ``cfg.hardware``, best-k checkpoints by the
-    monitor, restarts of dead workers. ``extra`` goes into the workers' config (Tune trials)."""
+    monitor, restarts of dead workers. ``extra`` goes into the workers' config and ``callbacks``
+    into the run's (a Tune trial's values and name, and its report to Tune)."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     hw = cfg.hardware
     # the resources the placement check counted; Ray sets each worker's torch threads to its CPUs
-    scaling = dict(num_workers=hw.num_workers, use_gpu=hw.accelerator == "gpu", resources_per_worker=train_needs(cfg).per_bundle())
-    if not is_train_v2():
-        scaling["trainer_resources"] = {"CPU": 0}  # the Tune trial's coordinator holds no core
+    scaling = ScalingConfig(num_workers=hw.num_workers, use_gpu=hw.accelerator == "gpu", resources_per_worker=train_needs(cfg).per_bundle())
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "stage": stage, "run_dir": str(run_dir), **(extra or {})},
-        scaling_config=ScalingConfig(**scaling),
-        run_config=run_config(cfg, name, storage),
+        scaling_config=scaling,
+        run_config=run_config(cfg, name, storage, callbacks),
     )
 
 
+def sweep_trial(config: dict, cfg: DictConfig, stage: str, run_dir: str, train_storage: str) -> None:
+    """One trial, run by Tune in an actor of its own: a Ray Train run of ``stage`` with the
+    trial's sampled values (``config["overrides"]``), named after the trial, so that a resumed
+    sweep resumes it from its latest checkpoint; every report of its workers goes on to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial = tune.get_context().get_trial_name()
+    extra = {"overrides": config["overrides"], "trial": trial}
+    torch_trainer(cfg, stage, Path(run_dir), trial, train_storage, extra=extra, callbacks=[TuneReportCallback()]).fit()
+
+
 def run_config(cfg: DictConfig, name: str, storage: str, callbacks: list | None = None):
+    """A Ray Train run named ``name`` under ``storage``; started again with the same name it
+    resumes from its latest checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     return RunConfig(
@@ -134,12 +155,6 @@ def run_config(cfg: DictConfig, name: str, storage: str, callbacks: list | None 
         ),
         failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
     )
-
-
-def is_train_v2() -> bool:
-    from ray.train.v2._internal.constants import is_v2_enabled
-
-    return is_v2_enabled()
 
 
 def storage_of(cfg: DictConfig) -> str:
