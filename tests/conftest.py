@@ -45,7 +45,8 @@ def shared_ray():
     saves a Ray start and shutdown. Started as a job's embedded Ray would be, with 4 CPUs."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
+    env_vars = {"WANDB_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # as ray_session sets them
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env_vars})
     yield
     ray.shutdown()
 

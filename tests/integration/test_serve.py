@@ -30,6 +30,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(condition, timeout: float = 60.0) -> None:
+    """Polls condition() until it holds; fails after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
 class Server:
     """A ``jobs.serve`` process on loopback; stopped (killed if need be) by ``stop``."""
 
@@ -260,12 +268,13 @@ def test_reload_under_concurrent_load_fails_no_request(trained, tmp_path):
         threads = [threading.Thread(target=client) for _ in range(3)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        wait_until(lambda: len(done) >= 10)  # the load is on
         before = s.post("/recommend", {"user_id": user, "k": 5}).json()["items"]
         r = s.post("/admin/reload", {"bundle": str(trained["pretrain"])})
         assert r.status_code == 200, r.text
         after = s.post("/recommend", {"user_id": user, "k": 5}).json()["items"]
-        time.sleep(1.0)
+        served_at_reload = len(done)
+        wait_until(lambda: len(done) >= served_at_reload + 10)  # and carries on after the reload
         stop.set()
         for t in threads:
             t.join(timeout=60)

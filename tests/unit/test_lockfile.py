@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sysconfig
 from importlib import metadata
 
 import pytest
@@ -47,9 +48,12 @@ def test_a_stale_lock_is_named(edit, says, tmp_path):
 
 
 def test_the_environment_is_exactly_the_lock():
-    """make env installs the lock and nothing else (besides this project, editable)."""
+    """make env installs the lock and nothing else (besides this project, editable). Read from the
+    environment's site-packages only: Ray puts its vendored copies (ray/thirdparty_files: colorama,
+    psutil) on sys.path once imported, and those are part of the ray wheel, not installed packages."""
     pins = lockfile.locked()
-    installed = {lockfile._normal(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {lockfile._normal(d.metadata["Name"]): d.version for d in metadata.distributions(path=site)}
     installed.pop("towerrec", None)
     wrong = {name: (installed.get(name), version) for name, version in pins.items() if installed.get(name) != version}
     extra = sorted(set(installed) - set(pins))
