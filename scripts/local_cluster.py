@@ -127,6 +127,8 @@ def up(args: argparse.Namespace) -> None:
     # jobs submitted to the cluster run `python` from the environment that started it
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file()), PATH=path)
+    # a worker node starts while the head's GCS may still be coming up: Ray gives it 5 s, too few on a busy machine
+    env.setdefault("RAY_gcs_rpc_server_connect_timeout_s", "60")
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=env["RAY_AUTH_TOKEN_PATH"])  # this process's ray.init too
     taken = {args.port, args.dashboard_port}
     procs, logs, pids = [], [], []

@@ -38,11 +38,12 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def shared_ray():
-    """One embedded Ray for every in-process Ray test of this pytest process: a job finding Ray up
-    uses it and leaves it running (jobs/runtime/config/ray_cluster.py: ray_session), so each test
-    saves a Ray start and shutdown. Started as a job's embedded Ray would be, with 4 CPUs."""
+    """One embedded Ray for every in-process Ray test of a test file: a job finding Ray up uses it
+    and leaves it running (jobs/runtime/config/ray_cluster.py: ray_session), so each test saves a
+    Ray start and shutdown. Started as a job's embedded Ray would be, with 4 CPUs; stopped after the
+    file, so its idle workers do not slow the tests of other files (clusters, servers) on 2 cores."""
     import ray
 
     env_vars = {"WANDB_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # as ray_session sets them

@@ -94,15 +94,9 @@ def cluster_dir():
         yield folder, env
 
 
-@pytest.fixture
-def two_nodes(cluster_dir):
-    folder, env = cluster_dir
-    return folder, env, start_two_nodes(folder, env)
-
-
 @pytest.fixture(scope="module")
 def two_nodes_shared():
-    """One cluster for the placement checks (they never start a worker)."""
+    """One cluster for the placement checks (they never start a worker), then the killed-worker run."""
     with cluster_folder() as (folder, env):
         yield folder, env, start_two_nodes(folder, env)
 
@@ -227,9 +221,35 @@ def stage_command(address: str, shared: Path, *overrides: str) -> list[str]:
     ]
 
 
-def test_two_workers_on_two_nodes_survive_a_killed_worker_with_outputs_on_shared_storage(two_nodes):
-    folder, env, address = two_nodes
-    shared, elsewhere = folder / "shared", folder / "cwd"
+@pytest.mark.parametrize(
+    ("overrides", "shortfall"),
+    [
+        (["hardware=gpu1"], "need 1 GPU each"),
+        (["hardware.num_workers=3", "hardware.cpus_per_worker=2"], "do not fit on the Ray cluster"),
+        (["cluster.storage_path=/proc/towerrec-cannot-write"], "cluster.storage_path=/proc/towerrec-cannot-write"),
+    ],
+    ids=["no-gpu", "too-few-cpus", "unwritable-storage"],
+)
+def test_a_job_the_cluster_cannot_place_fails_at_once_naming_the_shortfall(two_nodes_shared, overrides, shortfall):
+    folder, env, address = two_nodes_shared
+    shared = folder / "shared"
+    drivers_before = drivers(env, address)
+    proc = subprocess.run(stage_command(address, shared, *overrides), cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert error and shortfall in error[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr  # the message, not a stack (that is in run.log)
+    # refused at once: the job joined the cluster, and asked it for nothing (no placement group, no Train actor)
+    assert len(drivers(env, address)) == len(drivers_before) + 1
+    assert ray_list(env, address, "placement-groups") == []
+    assert [a["class_name"] for a in ray_list(env, address, "actors") if "Train" in a["class_name"]] == []
+    assert not (shared / "ray").exists() or not any((shared / "ray").rglob("checkpoint_*"))
+
+
+def test_two_workers_on_two_nodes_survive_a_killed_worker_with_outputs_on_shared_storage(two_nodes_shared):
+    # the placement checks' cluster (they ran before it and started no worker); its own shared folder
+    folder, env, address = two_nodes_shared
+    shared, elsewhere = folder / "shared-killed", folder / "cwd"
     elsewhere.mkdir()
     cmd = stage_command(
         address,
@@ -278,28 +298,3 @@ def test_two_workers_on_two_nodes_survive_a_killed_worker_with_outputs_on_shared
     assert metrics["train/epochs"] == 4 and metrics["val/ndcg@10"] > 0
     assert list((shared / "ray" / "two-nodes").glob("checkpoint_*"))
     assert not any(elsewhere.iterdir())  # nothing through the job's current folder
-
-
-@pytest.mark.parametrize(
-    ("overrides", "shortfall"),
-    [
-        (["hardware=gpu1"], "need 1 GPU each"),
-        (["hardware.num_workers=3", "hardware.cpus_per_worker=2"], "do not fit on the Ray cluster"),
-        (["cluster.storage_path=/proc/towerrec-cannot-write"], "cluster.storage_path=/proc/towerrec-cannot-write"),
-    ],
-    ids=["no-gpu", "too-few-cpus", "unwritable-storage"],
-)
-def test_a_job_the_cluster_cannot_place_fails_at_once_naming_the_shortfall(two_nodes_shared, overrides, shortfall):
-    folder, env, address = two_nodes_shared
-    shared = folder / "shared"
-    drivers_before = drivers(env, address)
-    proc = subprocess.run(stage_command(address, shared, *overrides), cwd=folder, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert error and shortfall in error[0], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr  # the message, not a stack (that is in run.log)
-    # refused at once: the job joined the cluster, and asked it for nothing (no placement group, no Train actor)
-    assert len(drivers(env, address)) == len(drivers_before) + 1
-    assert ray_list(env, address, "placement-groups") == []
-    assert [a["class_name"] for a in ray_list(env, address, "actors") if "Train" in a["class_name"]] == []
-    assert not (shared / "ray").exists() or not any((shared / "ray").rglob("checkpoint_*"))
