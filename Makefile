@@ -2,6 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# the suite on 2 pytest-xdist workers, a test file per worker at a time (tests/conftest.py);
+# `make test XDIST=` runs it in one process
+XDIST ?= -n 2 --dist loadgroup --no-loadscope-reorder
 
 .PHONY: env lock run test test-all lint format clean
 
@@ -16,10 +19,10 @@ run: env
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m jobs.pipeline experiment=ml100k $(ARGS)
 
 test: env
-	WANDB_MODE=disabled $(PY) -m pytest -m "not slow" -q $(ARGS)
+	WANDB_MODE=disabled $(PY) -m pytest -m "not slow" -q $(XDIST) $(ARGS)
 
 test-all: env
-	WANDB_MODE=disabled $(PY) -m pytest -q $(ARGS)
+	WANDB_MODE=disabled $(PY) -m pytest -q $(XDIST) $(ARGS)
 
 # what CI runs before the tests: lint, format check, types (pyproject.toml configures all three)
 lint: env

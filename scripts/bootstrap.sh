@@ -5,6 +5,10 @@
 # Order: uv (the installer, from the lock); torch alone first (a looser requirement can pull a
 # multi-GB CUDA build); then the whole lock, exactly (what it does not list is removed), deepspeed (an sdist that needs torch at
 # build time) built without build isolation; then this project, editable, without dependencies.
+# Every installed module is compiled to bytecode at install time (--compile-bytecode): with
+# PYTHONDONTWRITEBYTECODE set, as on our machines, Python otherwise compiles torch, Lightning,
+# transformers and Ray from source in every process it starts (every job, test subprocess and Ray
+# worker), and `import jobs.pipeline` takes 29 s instead of 12 s (docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -29,8 +33,8 @@ elif ls /opt/wheels/torch-*+cpu-*.whl > /dev/null 2>&1; then torch_source=(--fin
 else torch_source=(--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 fi
 "$PYTHON" scripts/lockfile.py entry torch > "$tmp/torch.txt"
-"$uv" pip install -q --python "$py" --no-deps --require-hashes "${torch_source[@]}" -r "$tmp/torch.txt"
-"$uv" pip install -q --python "$py" --exact --require-hashes --no-build-isolation-package deepspeed "${torch_source[@]}" -r "$LOCK"
+"$uv" pip install -q --python "$py" --compile-bytecode --no-deps --require-hashes "${torch_source[@]}" -r "$tmp/torch.txt"
+"$uv" pip install -q --python "$py" --compile-bytecode --exact --require-hashes --no-build-isolation-package deepspeed "${torch_source[@]}" -r "$LOCK"
 "$uv" pip install -q --python "$py" --no-deps --no-build-isolation -e .
 if ! "$py" scripts/lockfile.py check; then
   echo "[bootstrap] warning: $LOCK does not match setup.cfg (above); installed the lock as it is. Run make lock." >&2

@@ -60,3 +60,34 @@ def tiny_cfg(tmp_path: Path):
         return compose_config(job, [*TINY, *overrides], tmp_path)
 
     return make
+
+
+# The longest groups of the suite (see docs/benchmarks.md, "Test suite"), started first under
+# pytest-xdist so that no long one is left to run last on one worker while the other idles.
+LONG_FIRST = (
+    "tests/integration/test_sweep.py",
+    "sweep-resume",
+    "sweep-optuna",
+    "cluster-readme-recipe",
+    "tests/integration/test_cluster_launch.py",
+    "tests/integration/test_ray_pipeline.py",
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist with ``--dist loadgroup`` (what ``make test`` runs): each test file is one
+    group and runs on one worker, so its module fixtures (``shared_ray``, a sweep, a cluster) start
+    once; a test marked ``xdist_group("<name>")`` runs apart from its file. The groups of
+    ``LONG_FIRST`` are scheduled first. Without xdist nothing changes: files run in their order."""
+    if config.getoption("dist", "no") != "loadgroup":
+        return
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+    def rank(item) -> int:
+        group = item.get_closest_marker("xdist_group").args[0]
+        return LONG_FIRST.index(group) if group in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a group, and among the rest, is kept

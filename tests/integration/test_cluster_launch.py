@@ -147,6 +147,7 @@ def head_node(env: dict, address: str) -> str:
     return next(n["node_id"] for n in nodes if n["is_head_node"])
 
 
+@pytest.mark.xdist_group("cluster-readme-recipe")  # its own cluster: may run beside the others
 def test_the_readmes_two_node_recipe_runs_as_written(cluster_dir):
     folder, env = cluster_dir
     port, dashboard = free_port(), free_port()

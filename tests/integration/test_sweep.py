@@ -147,6 +147,7 @@ def test_dashboard_serves_tensorboard_on_loopback(tmp_path):
         proc.wait(timeout=30)
 
 
+@pytest.mark.xdist_group("sweep-resume")  # its own sweep: may run beside the others (tests/conftest.py)
 def test_a_sweep_whose_driver_died_resumes_under_the_same_name(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "TOWERREC_ROOT": str(tmp_path), "RAY_DASHBOARD_ENABLED": "0"}
     args = [sys.executable, "-m", "jobs.sweep", *SWEEP, "logger=none", "run_name=resume-me"]
@@ -170,6 +171,7 @@ def test_a_sweep_whose_driver_died_resumes_under_the_same_name(tmp_path):
     assert started <= set(resumed["trial"])  # the trials started before the kill were carried on, not drawn again
 
 
+@pytest.mark.xdist_group("sweep-optuna")
 def test_optuna_searcher_runs_a_sweep(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "TOWERREC_ROOT": str(tmp_path), "RAY_DASHBOARD_ENABLED": "0"}
     args = ["sweep=tiny_optuna", *SWEEP[1:], "logger=none", "finetune.max_epochs=2"]
