@@ -74,13 +74,20 @@ LONG_FIRST = (
 )
 
 
+def _grouped(config) -> bool:
+    """Whether this process collects for ``--dist loadgroup``: on a pytest-xdist worker the option
+    ``dist`` is rewritten to "no" and ``loadgroup`` is set instead, and it is the workers'
+    collection (their node ids, their order) that the controller schedules."""
+    return config.getoption("dist", "no") == "loadgroup" or bool(getattr(config.option, "loadgroup", False))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist with ``--dist loadgroup`` (what ``make test`` runs): each test file is one
     group and runs on one worker, so its module fixtures (``shared_ray``, a sweep, a cluster) start
     once; a test marked ``xdist_group("<name>")`` runs apart from its file. The groups of
     ``LONG_FIRST`` are scheduled first. Without xdist nothing changes: files run in their order."""
-    if config.getoption("dist", "no") != "loadgroup":
+    if not _grouped(config):
         return
     for item in items:
         if not item.get_closest_marker("xdist_group"):
@@ -91,3 +98,14 @@ def pytest_collection_modifyitems(config, items):
         return LONG_FIRST.index(group) if group in LONG_FIRST else len(LONG_FIRST)
 
     items.sort(key=rank)  # stable: the order inside a group, and among the rest, is kept
+
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """pytest-xdist marks a test's group in its node id (``...::test@group``); a test without one
+    is scheduled alone and its file's module fixtures start again on every worker. Refuse to run
+    rather than silently run the suite ungrouped (pytest 9.2 with xdist 3.8 did: setup.cfg)."""
+    ungrouped = [nodeid for nodeid in ids if "@" not in nodeid]
+    if node.config.getoption("dist", "no") == "loadgroup" and ungrouped:
+        raise pytest.UsageError(f"pytest-xdist did not group {len(ungrouped)} tests (first: {ungrouped[0]}): see setup.cfg's pin of pytest")
