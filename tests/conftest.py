@@ -64,13 +64,19 @@ def tiny_cfg(tmp_path: Path):
 
 # The longest groups of the suite (see docs/benchmarks.md, "Test suite"), started first under
 # pytest-xdist so that no long one is left to run last on one worker while the other idles.
-LONG_FIRST = (
-    "tests/integration/test_sweep.py",
-    "sweep-resume",
-    "sweep-optuna",
-    "cluster-readme-recipe",
+LONG_FIRST = (  # longest first, by the grouped durations of docs/benchmarks.md
+    "tests/integration/test_ray_training.py",
     "tests/integration/test_cluster_launch.py",
+    "cluster-readme-recipe",
+    "sweep-resume",
+    "tests/integration/test_sweep.py",
     "tests/integration/test_ray_pipeline.py",
+    "sweep-optuna",
+    "tests/integration/test_serve.py",
+    "tests/integration/test_tiny_jobs.py",
+    "tests/integration/test_scale_train.py",
+    "tests/integration/test_update_loop.py",
+    "tests/integration/test_batch_infer.py",
 )
 
 
