@@ -106,7 +106,6 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: the order inside a group, and among the rest, is kept
 
 
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_node_collection_finished(node, ids):
     """pytest-xdist marks a test's group in its node id (``...::test@group``); a test without one
