@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.leave_one_out import SPLITS, TEST, TRAIN, VALID, group_starts, positions_and_counts, split_codes
+from datamodules.preprocess import SEQUENCES
 from datamodules.ragged import Ragged, gc_paused
 
 
@@ -149,16 +150,19 @@ class SequenceDataModule(pl.LightningDataModule):
             return
         # one Python object per item and per user (ids, texts, category lists), none per interaction
         items = pq.read_table(self.data_dir / "items.parquet")
-        users = pq.read_table(self.data_dir / "users.parquet", columns=["user_id"])
+        if (self.data_dir / SEQUENCES).is_dir():  # prepared by data.engine=ray
+            user_ids, user_col, item_col, offsets = self._read_sequences(self.data_dir / SEQUENCES)
+        else:
+            user_ids = pq.read_table(self.data_dir / "users.parquet", columns=["user_id"])["user_id"]
+            user_col, item_col, offsets = self._read_split(self.data_dir / "split.parquet")
         self.num_items = items.num_rows
-        self.num_users = users.num_rows
+        self.num_users = len(user_ids)
         with gc_paused():
             self.item_ids = items["item_id"].to_numpy()
-            self.user_ids = users["user_id"].to_numpy()
+            self.user_ids = user_ids.to_numpy()
             self.item_texts = items["text"].to_pylist()
             self.item_titles = items["title"].to_pylist() if "title" in items.column_names else list(self.item_texts)
             self.item_categories = items["categories"].to_pylist()
-        user_col, item_col, offsets = self._read_split(self.data_dir / "split.parquet")
         self.user_index = user_col[offsets[:-1]]
         self.valid_targets = item_col[offsets[1:] - 2]
         self.test_targets = item_col[offsets[1:] - 1]
@@ -203,6 +207,26 @@ class SequenceDataModule(pl.LightningDataModule):
             wrong = (codes != split_codes(pos, counts)) | (counts < 2)
             raise ValueError(f"{path}: user_idx {user[np.argmax(wrong)]} is not split as train..., valid, test")
         return user, item, offsets
+
+    @staticmethod
+    def _read_sequences(folder: Path) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray, np.ndarray]:
+        """The per-user table of ``data.engine=ray`` (one row per user: its items in time order and
+        its split positions) as the users' raw ids and the columns :meth:`_read_split` gives;
+        checks that the users are numbered 0..n-1 and split as train..., valid, test."""
+        table = pq.read_table(folder, columns=["user_idx", "user_id", "item_idx", "valid_position", "test_position"])
+        table = table.take(pa.array(np.argsort(table["user_idx"].to_numpy(), kind="stable")))
+        user = table["user_idx"].to_numpy()
+        if (user != np.arange(len(user))).any():
+            raise ValueError(f"{folder}: field 'user_idx' is not 0..{len(user) - 1} (user_idx {user[np.argmax(user != np.arange(len(user)))]})")
+        lists = table["item_idx"].combine_chunks()
+        offsets = lists.offsets.to_numpy().astype(np.int64)
+        offsets = offsets - offsets[0]
+        sizes = np.diff(offsets)
+        wrong = (sizes < 3) | (table["valid_position"].to_numpy() != sizes - 2) | (table["test_position"].to_numpy() != sizes - 1)
+        if wrong.any():
+            raise ValueError(f"{folder}: user_idx {user[np.argmax(wrong)]} is not split as train..., valid, test")
+        item = lists.flatten().to_numpy()
+        return table["user_id"], np.repeat(user, sizes), item, offsets
 
     def _pick_cold_items(self) -> np.ndarray:
         """Boolean mask of the items held out of all training: ``cold_items`` items drawn

@@ -13,7 +13,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.parquet_dataset import ParquetFolder
 from datamodules.preprocess import PreparedDataset, load_prepared, prepare
+from datamodules.raw_dataset import RawDataset
 from datamodules.sequence_datamodule import SequenceDataModule
 from jobs.runtime.tracking.console import say
 from lightning_modules.hf_backbones import build_bert_encoder, build_gpt2, load_tokenizer
@@ -39,6 +41,11 @@ def data_fingerprint(cfg: DictConfig) -> str:
     reader = OmegaConf.to_container(cfg.data.reader, resolve=True)
     reader.pop("cache_dir", None)
     key = {"reader": reader, "min_user_interactions": cfg.data.min_user_interactions, "dedupe": cfg.data.dedupe, "v": PREPARE_VERSION}
+    engine = _value(cfg.data.engine)
+    if engine == "ray":  # the users' numbering depends on the engine and its buckets ('auto': on the data)
+        key["engine"] = {"num_buckets": cfg.data.ray.num_buckets, "rows_per_bucket": cfg.data.ray.rows_per_bucket}
+    elif engine == "local":
+        key["engine"] = "local"
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -50,11 +57,37 @@ def prepare_data(cfg: DictConfig) -> PreparedDataset:
     if ready is not None:
         log.info("data: reusing %s (%d users, %d items)", folder, ready.num_users, ready.num_items)
         return ready
-    say("data: reading %s and preparing it in %s (once; later runs reuse it)", cfg.data.name, folder)
-    raw = instantiate(cfg.data.reader, _convert_="all")
-    prepared = prepare(raw, folder, cfg.data.min_user_interactions, cfg.data.dedupe, fingerprint)
+    source = instantiate(cfg.data.reader, _convert_="all")
+    engine = data_engine(cfg, source)
+    say(
+        "data: reading %s and preparing it in %s (%s; once, later runs reuse it)",
+        cfg.data.name,
+        folder,
+        "on Ray Data" if engine == "ray" else "in this process",
+    )
+    if engine == "ray":
+        from datamodules.sharded_prepare import prepare_sharded
+        from jobs.runtime.config.ray_cluster import ray_session
+
+        with ray_session(cfg):
+            prepared = prepare_sharded(
+                source, folder, cfg.data.min_user_interactions, cfg.data.dedupe, fingerprint, cfg.data.ray.num_buckets, cfg.data.ray.rows_per_bucket
+            )
+    else:
+        raw = source.read() if isinstance(source, ParquetFolder) else source
+        prepared = prepare(raw, folder, cfg.data.min_user_interactions, cfg.data.dedupe, fingerprint)
     say("data: %d users, %d items, %d interactions", prepared.num_users, prepared.num_items, prepared.num_interactions)
     return prepared
+
+
+def data_engine(cfg: DictConfig, source: ParquetFolder | RawDataset) -> str:
+    """``data.engine`` resolved: 'auto' is 'ray' from ``data.ray.auto_min_interactions`` on (a
+    Parquet folder's size comes from its files' footers, a reader's table from its length)."""
+    engine = _value(cfg.data.engine)
+    if engine != "auto":
+        return engine
+    size = source.num_interactions() if isinstance(source, ParquetFolder) else len(source.interactions)
+    return "ray" if size >= cfg.data.ray.auto_min_interactions else "local"
 
 
 def build_datamodule(cfg: DictConfig) -> SequenceDataModule:

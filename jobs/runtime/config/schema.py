@@ -47,6 +47,12 @@ class IndexKind(str, Enum):
     ivfpq = "ivfpq"
 
 
+class DataEngine(str, Enum):
+    auto = "auto"
+    local = "local"
+    ray = "ray"
+
+
 class Schedule(str, Enum):
     constant = "constant"
     cosine = "cosine"
@@ -61,10 +67,27 @@ class ColdStartConfig:
 
 
 @dataclass
+class DataRayConfig:
+    """``data.engine=ray``: preparation on Ray Data, users bucketed by a hash of their raw id."""
+
+    # buckets of users (each prepared by one task); null = ceil(interactions / rows_per_bucket)
+    num_buckets: int | None = None
+    # about 216 bytes per interaction at the column code's peak: 4 M rows is under 1 GB a task
+    rows_per_bucket: int = 4_000_000
+    # data.engine=auto picks ray from this many interactions on (50 M: about 11 GB in one process)
+    auto_min_interactions: int = 50_000_000
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
-    # A reader call: {_target_: module.function, ...kwargs} returning a RawDataset.
+    # A reader call: {_target_: module.function, ...kwargs} returning a RawDataset, or a
+    # datamodules.parquet_dataset.ParquetFolder (read in pieces by data.engine=ray).
     reader: Any = MISSING
+    # local: one process (datamodules/preprocess.py); ray: Ray Data (datamodules/sharded_prepare.py);
+    # auto: ray from data.ray.auto_min_interactions on
+    engine: DataEngine = DataEngine.auto
+    ray: DataRayConfig = field(default_factory=DataRayConfig)
     min_user_interactions: int = 3
     dedupe: bool = True
     max_seq_len: int = 50
@@ -482,6 +505,10 @@ def validate(cfg: DictConfig) -> None:
             "(or TOWERREC_ROOT in the job's runtime env)",
         )
     m, d, t = cfg.model, cfg.data, cfg.trainer
+    if d.ray.num_buckets is not None and d.ray.num_buckets < 1:
+        fail("data.ray.num_buckets", f"must be null or >= 1, got {d.ray.num_buckets}")
+    if d.ray.rows_per_bucket < 1:
+        fail("data.ray.rows_per_bucket", f"must be >= 1, got {d.ray.rows_per_bucket}")
     if m.dim < 1:
         fail("model.dim", f"must be >= 1, got {m.dim}")
     if m.user_tower.n_embd % m.user_tower.n_head:
