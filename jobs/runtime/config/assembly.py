@@ -17,6 +17,7 @@ from datamodules.parquet_dataset import ParquetFolder
 from datamodules.preprocess import PreparedDataset, load_prepared, prepare
 from datamodules.raw_dataset import RawDataset
 from datamodules.sequence_datamodule import SequenceDataModule
+from jobs.runtime.config.catalog_tokens import catalog_tokens
 from jobs.runtime.tracking.console import say
 from lightning_modules.hf_backbones import build_bert_encoder, build_gpt2, load_tokenizer
 from lightning_modules.item_tower import ItemTower, tokenize_catalog
@@ -56,6 +57,7 @@ def prepare_data(cfg: DictConfig) -> PreparedDataset:
     ready = load_prepared(folder, fingerprint)
     if ready is not None:
         log.info("data: reusing %s (%d users, %d items)", folder, ready.num_users, ready.num_items)
+        _tokens_once(cfg, folder)
         return ready
     source = instantiate(cfg.data.reader, _convert_="all")
     engine = data_engine(cfg, source)
@@ -77,7 +79,15 @@ def prepare_data(cfg: DictConfig) -> PreparedDataset:
         raw = source.read() if isinstance(source, ParquetFolder) else source
         prepared = prepare(raw, folder, cfg.data.min_user_interactions, cfg.data.dedupe, fingerprint)
     say("data: %d users, %d items, %d interactions", prepared.num_users, prepared.num_items, prepared.num_interactions)
+    _tokens_once(cfg, folder)
     return prepared
+
+
+def _tokens_once(cfg: DictConfig, folder: Path) -> None:
+    """The catalog's tokens beside the prepared data (made once; later calls find them)."""
+    it = cfg.model.item_tower
+    if it.use_text:
+        catalog_tokens(folder, it.tokenizer, it.max_text_tokens)
 
 
 def data_engine(cfg: DictConfig, source: ParquetFolder | RawDataset) -> str:
@@ -127,7 +137,11 @@ def build_model(cfg: DictConfig, dm: SequenceDataModule) -> TwoTowerModel:
         encoder = build_bert_encoder(
             it.pretrained, tokenizer.vocab_size, it.hidden_size, it.num_layers, it.num_heads, it.intermediate_size, it.dropout, m.attn_implementation
         )
-        token_ids, attention = tokenize_catalog(tokenizer, dm.item_texts, it.max_text_tokens)
+        folder = getattr(dm, "data_dir", None)
+        if folder is not None and (Path(folder) / "items.parquet").is_file():  # tokenised once per prepared dataset
+            token_ids, attention = catalog_tokens(folder, it.tokenizer, it.max_text_tokens, dm.item_texts)
+        else:  # a catalog not read from a prepared folder
+            token_ids, attention = tokenize_catalog(tokenizer, dm.item_texts, it.max_text_tokens)
     item_tower = ItemTower(
         dm.num_items,
         m.dim,
