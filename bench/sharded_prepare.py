@@ -3,8 +3,10 @@ process against tokens made once and memory-mapped, on the same input in one run
 
     python bench/sharded_prepare.py [--interactions 2000000] [--items 100000] [--buckets 4]
 
-Each preparation runs in a fresh process, so its peak is its own (``ru_maxrss`` of the driver; Ray
-Data's worker processes are not counted: the point is what the driver must hold). Prints a
+Each preparation runs in a fresh process, so its peak is its own: the driver's ``ru_maxrss`` and
+its unique memory (USS, sampled every 0.2 s; RSS also counts the pages of Ray's shared object
+store that the driver touches). Ray Data's worker processes are not counted: the point is what
+the driver must hold. Prints a
 Markdown table for docs/benchmarks.md.
 """
 
@@ -15,10 +17,21 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _peak_uss(stop: threading.Event, peak: list[float]) -> None:
+    """The driver's unique memory (USS: pages no other process shares, so the object store's
+    shared memory that Ray maps into the driver is left out), sampled every 0.2 s."""
+    import psutil
+
+    me = psutil.Process()
+    while not stop.wait(0.2):
+        peak[0] = max(peak[0], me.memory_full_info().uss / 2**30)
 
 
 def child(kind: str, raw: str, out: str, buckets: int) -> None:
@@ -27,6 +40,9 @@ def child(kind: str, raw: str, out: str, buckets: int) -> None:
     from datamodules.parquet_dataset import ParquetFolder
 
     source = ParquetFolder(raw, "bench")
+    stop, uss = threading.Event(), [0.0]
+    sampler = threading.Thread(target=_peak_uss, args=(stop, uss), daemon=True)
+    sampler.start()
     start = time.perf_counter()
     if kind == "local":
         from datamodules.preprocess import prepare
@@ -41,8 +57,10 @@ def child(kind: str, raw: str, out: str, buckets: int) -> None:
         prepared = prepare_sharded(source, out, num_buckets=buckets)
         ray.shutdown()
     seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"kind": kind, "seconds": seconds, "driver_peak_gb": peak, "users": prepared.num_users}))
+    print(json.dumps({"kind": kind, "seconds": seconds, "driver_peak_gb": peak, "driver_uss_gb": uss[0], "users": prepared.num_users}))
 
 
 def tokens(folder: str) -> dict:
@@ -97,11 +115,14 @@ def main() -> None:
         tok = tokens(str(Path(tmp) / "local"))
     n = len(raw.interactions)
     print(f"{n:,} interactions, {rows['local']['users']:,} users, {args.items:,} items; Ray Data: {args.buckets} buckets, 2 CPUs")
-    print("| preparation | seconds | driver peak (ru_maxrss) |\n|---|---:|---:|")
+    print("| preparation | seconds | driver peak RSS (ru_maxrss) | driver peak USS (sampled) |\n|---|---:|---:|---:|")
     for kind in ("local", "ray"):
-        print(f"| {kind} | {rows[kind]['seconds']:.1f} | {rows[kind]['driver_peak_gb']:.2f} GB |")
+        r = rows[kind]
+        print(f"| {kind} | {r['seconds']:.1f} | {r['driver_peak_gb']:.2f} GB | {r['driver_uss_gb']:.2f} GB |")
+    ray_, local = rows["ray"], rows["local"]
     print(
-        f"ratio ray/local: {rows['ray']['seconds'] / rows['local']['seconds']:.2f}x time, {rows['ray']['driver_peak_gb'] / rows['local']['driver_peak_gb']:.2f}x driver peak"
+        f"ratio ray/local: {ray_['seconds'] / local['seconds']:.2f}x time, {ray_['driver_peak_gb'] / local['driver_peak_gb']:.2f}x peak RSS, "
+        f"{ray_['driver_uss_gb'] / local['driver_uss_gb']:.2f}x peak USS"
     )
     print(
         f"catalog of {tok['items']:,} items: tokenised in {tok['tokenise_s']:.1f} s (what each process paid), made once in {tok['make_once_s']:.1f} s, "

@@ -39,3 +39,17 @@ def test_tokens_missing_from_a_prepared_folder_are_made_by_the_first_process_tha
     ids, mask = catalog_tokens(prepared.folder, cfg.model.item_tower.tokenizer, 8)
     assert ids.shape == mask.shape and ids.shape[0] == prepared.num_items and ids.shape[1] <= 8
     assert all((folder / f).is_file() for f in FILES) and not list(folder.parent.glob("*.partial-*"))
+
+
+def test_tokens_that_do_not_match_the_items_file_are_refused_with_the_folder_named(tiny_cfg):
+    import numpy as np
+    import pytest
+
+    cfg = tiny_cfg("pretrain")
+    it = cfg.model.item_tower
+    prepared = prepare_data(cfg)
+    folder = tokens_folder(prepared.folder, it.tokenizer, it.max_text_tokens)
+    for name in FILES:  # a pair left by another catalog: one item short
+        np.save(folder / name, np.load(folder / name)[:-1])
+    with pytest.raises(ValueError, match=f"{folder}: tokens for {prepared.num_items - 1} items"):
+        catalog_tokens(prepared.folder, it.tokenizer, it.max_text_tokens)
