@@ -30,6 +30,7 @@ class FakeCatalog:
     """What build_model/build_module read from a datamodule, for a 5-item catalog."""
 
     num_items = 5
+    data_dir = None  # not read from a prepared folder: build_model tokenises the texts itself
     item_texts = ["Toy Story (1995). Genres: Animation.", "Heat (1995). Genres: Action.", "a", "b", "c"]
     item_categories = [["Animation"], ["Action"], [], [], []]
     item_train_counts = [3.0, 1.0, 0.0, 2.0, 1.0]

@@ -17,7 +17,7 @@ from datamodules.parquet_dataset import ParquetFolder
 from datamodules.preprocess import PreparedDataset, load_prepared, prepare
 from datamodules.raw_dataset import RawDataset
 from datamodules.sequence_datamodule import SequenceDataModule
-from jobs.runtime.config.catalog_tokens import catalog_tokens
+from jobs.runtime.config.catalog_tokens import catalog_tokens, ensure_tokens
 from jobs.runtime.tracking.console import say
 from lightning_modules.hf_backbones import build_bert_encoder, build_gpt2, load_tokenizer
 from lightning_modules.item_tower import ItemTower, tokenize_catalog
@@ -87,7 +87,7 @@ def _tokens_once(cfg: DictConfig, folder: Path) -> None:
     """The catalog's tokens beside the prepared data (made once; later calls find them)."""
     it = cfg.model.item_tower
     if it.use_text:
-        catalog_tokens(folder, it.tokenizer, it.max_text_tokens)
+        ensure_tokens(folder, it.tokenizer, it.max_text_tokens)
 
 
 def data_engine(cfg: DictConfig, source: ParquetFolder | RawDataset) -> str:
@@ -137,9 +137,8 @@ def build_model(cfg: DictConfig, dm: SequenceDataModule) -> TwoTowerModel:
         encoder = build_bert_encoder(
             it.pretrained, tokenizer.vocab_size, it.hidden_size, it.num_layers, it.num_heads, it.intermediate_size, it.dropout, m.attn_implementation
         )
-        folder = getattr(dm, "data_dir", None)
-        if folder is not None and (Path(folder) / "items.parquet").is_file():  # tokenised once per prepared dataset
-            token_ids, attention = catalog_tokens(folder, it.tokenizer, it.max_text_tokens, dm.item_texts)
+        if dm.data_dir is not None:  # tokenised once per prepared dataset
+            token_ids, attention = catalog_tokens(dm.data_dir, it.tokenizer, it.max_text_tokens, dm.item_texts)
         else:  # a catalog not read from a prepared folder
             token_ids, attention = tokenize_catalog(tokenizer, dm.item_texts, it.max_text_tokens)
     item_tower = ItemTower(
