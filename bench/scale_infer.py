@@ -36,7 +36,8 @@ from scale_common import in_fresh_process, row, say  # noqa: E402
 TOP_K = 100
 DEFAULT_CONFIGS = [(100_000, 100_000), (100_000, 1_000_000), (1_000_000, 1_000_000)]
 QUICK_CONFIGS = [(2_000, 3_000)]
-PATHS = ("local", "ray1", "ray2")
+PATHS = ("local", "ray1", "ray2", "sharded2")  # sharded2: infer.sharded=true on 2 actors
+ACTORS = ("CatalogEmbedder", "UserEmbedder", "CatalogPart", "UserPart", "build_index_files")  # inference's Ray processes
 # the tiny model of conf/model/tiny.yaml and the synthetic data's shape (histories of 5..15 items)
 TINY_MODEL = {"dim": 32, "hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "max_text_tokens": 24, "n_layer": 2, "n_head": 2}
 HISTORY = {"min_len": 5, "max_len": 15}
@@ -110,13 +111,15 @@ def build_bundle(folder: Path, num_users: int, num_items: int, seed: int = 0) ->
 
 
 def infer_config(root: Path, path: str, batch_size: int):
-    """The batch_infer config of one path: ``local`` (in process), ``ray1`` / ``ray2`` (Ray Data actors)."""
+    """The batch_infer config of one path: ``local`` (in process), ``ray1`` / ``ray2`` (Ray Data
+    actors, everything gathered on the driver), ``sharded2`` (``infer.sharded=true``, 2 actors)."""
     from hydra import compose, initialize_config_dir
 
     from jobs.runtime.config.schema import register
 
     register()
-    ray = [f"infer.use_ray={path != 'local'}", f"infer.num_actors={path[3:] if path != 'local' else 1}", "cluster.include_dashboard=false"]
+    actors = path.removeprefix("ray").removeprefix("sharded") if path != "local" else "1"
+    ray = [f"infer.use_ray={path != 'local'}", f"infer.sharded={path.startswith('sharded')}", f"infer.num_actors={actors}", "cluster.include_dashboard=false"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(
             config_name="batch_infer",
@@ -132,9 +135,32 @@ def infer_config(root: Path, path: str, batch_size: int):
         )
 
 
+def _sample_memory(stop, peaks: dict[str, float]) -> None:
+    """Every 0.5 s: this process's USS, and the summed USS and PSS of inference's Ray processes
+    (descendants of this process whose title names an actor class of ACTORS). USS leaves out pages
+    shared with another process (a file both map, Ray's object store); PSS counts each shared page
+    in equal parts, so the PSS sum is what the actors cost the node together."""
+    import psutil
+
+    me = psutil.Process()
+    while not stop.wait(0.5):
+        peaks["driver_uss"] = max(peaks["driver_uss"], me.memory_full_info().uss / 2**20)
+        uss = pss = 0.0
+        for child in me.children(recursive=True):
+            try:
+                if any(name in " ".join(child.cmdline()) for name in ACTORS):
+                    info = child.memory_full_info()
+                    uss, pss = uss + info.uss / 2**20, pss + info.pss / 2**20
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        peaks["actors_uss"], peaks["actors_pss"] = max(peaks["actors_uss"], uss), max(peaks["actors_pss"], pss)
+
+
 def measure(bundle: Path, path: str, run_dir: Path, batch_size: int) -> dict[str, float]:
-    """One batch inference (the job's library function, what ``jobs.batch_infer`` runs) on ``path``."""
+    """One batch inference (the job's library function, what ``jobs.batch_infer`` runs) on ``path``,
+    with the peak memory of the driver and of the actors sampled (``_sample_memory``)."""
     import os
+    import threading
 
     os.environ.setdefault("RAY_DASHBOARD_ENABLED", "0")
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -143,9 +169,16 @@ def measure(bundle: Path, path: str, run_dir: Path, batch_size: int) -> dict[str
 
     cfg = infer_config(run_dir, path, batch_size)
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = batch_infer(cfg, bundle, run_dir)
+    stop, peaks = threading.Event(), {"driver_uss": 0.0, "actors_uss": 0.0, "actors_pss": 0.0}
+    sampler = threading.Thread(target=_sample_memory, args=(stop, peaks), daemon=True)
+    sampler.start()
+    try:
+        metrics = batch_infer(cfg, bundle, run_dir)
+    finally:
+        stop.set()
+        sampler.join()
     metrics["index"] = index_choice(cfg, int(metrics["infer/num_items"])).kind
-    return metrics
+    return metrics | {f"mem_{k}": v for k, v in peaks.items()}
 
 
 PHASES = {
@@ -157,6 +190,9 @@ PHASES = {
     "search": "search",
     "write": "write",
 }
+# sharded: the catalog and users stages each embed and write in their actors, users' search included
+# (search and write: summed over the actors)
+SHARDED_PHASES = PHASES | {"embed_items": "items_stage", "build_index": "index_stage", "embed_users": "users_stage"}
 
 
 def run_stage(
@@ -189,7 +225,8 @@ def run_stage(
             metrics, rss = in_fresh_process(measure, folder, path, out_dir / f"run_u{users}_i{items}_{path}", batch_size)
             n_users = int(metrics["infer/num_users"])
             seconds = metrics["infer/seconds_total"]
-            phases = {name: round(metrics[f"infer/seconds_{key}"], 3) for name, key in PHASES.items()}
+            names = SHARDED_PHASES if path.startswith("sharded") else PHASES
+            phases = {name: round(metrics[f"infer/seconds_{key}"], 3) for name, key in names.items()}
             # one step per path and catalog, so that a step's slope is against users at a fixed catalog
             rows.append(
                 row(
@@ -206,11 +243,15 @@ def run_stage(
                     top_k=TOP_K,
                     untrained=True,
                     phases=phases,
+                    driver_uss_mb=metrics["mem_driver_uss"],
+                    actors_uss_mb=metrics["mem_actors_uss"],
+                    actors_pss_mb=metrics["mem_actors_pss"],
                 )
             )
             shutil.rmtree(out_dir / f"run_u{users}_i{items}_{path}", ignore_errors=True)  # a 1 M-user run writes about 1 GB
             say(
-                f"  {path:5s} {seconds:7.1f} s  {n_users / seconds:9,.0f} users/s  index {metrics['index']}  peak {rss:,.0f} MiB  "
+                f"  {path:8s} {seconds:7.1f} s  {n_users / seconds:9,.0f} users/s  index {metrics['index']}  driver peak {rss:,.0f} MiB "
+                f"(USS {metrics['mem_driver_uss']:,.0f})  actors USS {metrics['mem_actors_uss']:,.0f} PSS {metrics['mem_actors_pss']:,.0f} MiB  "
                 + "  ".join(f"{k} {v:.1f}" for k, v in phases.items())
             )
     return rows
@@ -222,15 +263,15 @@ def _label(n: int) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| users | items | path | index | seconds | users/s | load | ray start | embed items | embed users | build index | search | write | driver peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| users | items | path | index | seconds | users/s | load | ray start | embed items | embed users | build index | search | write | driver peak MiB | driver USS | actors USS | actors PSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         p = r["phases"]
         lines.append(
             f"| {r['size']:,} | {r['items']:,} | {r['path']} | {r['index']} | {r['seconds']:.1f} | {r['users_per_s']:,.0f} | "
             + " | ".join(f"{p[k]:.1f}" for k in PHASES)
-            + f" | {r['peak_rss_mb']:,.0f} |"
+            + f" | {r['peak_rss_mb']:,.0f} | {r['driver_uss_mb']:,.0f} | {r['actors_uss_mb']:,.0f} | {r['actors_pss_mb']:,.0f} |"
         )
     return "\n".join(lines)
 

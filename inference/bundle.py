@@ -47,6 +47,7 @@ CONFIG = "config.json"
 CATALOG = "catalog.parquet"
 USERS = "users.parquet"
 TOKENIZER = "tokenizer"
+USERS_ROW_GROUP = 65_536
 
 
 class BundleError(ValueError):
@@ -217,7 +218,8 @@ def save_bundle(
         (tmp / SPEC).write_text(json.dumps(spec, indent=1, default=str) + "\n")
         (tmp / CONFIG).write_text(json.dumps(config, indent=1, default=str) + "\n")
         pq.write_table(_catalog_table(catalog), tmp / CATALOG)
-        pq.write_table(_users_table(users), tmp / USERS)
+        # row groups of 64k users: a batch job reading one piece of users reads little more than it
+        pq.write_table(_users_table(users), tmp / USERS, row_group_size=USERS_ROW_GROUP)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER))
         files = {}

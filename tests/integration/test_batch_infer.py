@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -13,6 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import inference.bundle as bundle_module
+import jobs.runtime.stages.batch_inference as batch_infer_stage
 from inference.bundle import BundleError, load_bundle
 from inference.embedding import embed_all_users, embed_catalog, embed_items, embed_users, encode_catalog_text, load_embedding_model, user_histories
 from inference.faiss_index import SeenItems
@@ -43,6 +46,7 @@ def runs(trained) -> dict[str, tuple[Path, dict[str, float]]]:
     for name, extra in (
         ("local", ["infer.use_ray=false"]),
         ("ray", ["infer.use_ray=true", "cluster.num_cpus=2", "infer.num_actors=2"]),
+        ("sharded", ["infer.use_ray=true", "infer.sharded=true", "cluster.num_cpus=2", "infer.num_actors=2"]),
     ):
         cfg = compose_config(
             "batch_infer",
@@ -50,9 +54,22 @@ def runs(trained) -> dict[str, tuple[Path, dict[str, float]]]:
             root,
         )
         start = time.perf_counter()
-        out[name] = (Path(cfg.paths.output_dir), batch_infer.run(cfg))
+        with pytest.MonkeyPatch.context() as mp:
+            if name == "sharded":  # the driver (this process) must not load the model, the catalog or the histories
+                for target in (batch_infer_stage, bundle_module):
+                    for fn in ("load_bundle", "load_model", "_read_users", "_read_catalog"):
+                        if hasattr(target, fn):
+                            mp.setattr(target, fn, _refuse(fn))
+            out[name] = (Path(cfg.paths.output_dir), batch_infer.run(cfg))
         WALL[name] = time.perf_counter() - start
     return out
+
+
+def _refuse(name: str):
+    def refused(*args, **kwargs):
+        raise AssertionError(f"the driver called {name}; sharded inference must leave it to the actors")
+
+    return refused
 
 
 def full_histories_from_split(data_dir: Path) -> dict[str, list[str]]:
@@ -101,13 +118,69 @@ def test_ray_and_in_process_agree(runs):
         np.testing.assert_allclose(ea, eb, rtol=0, atol=1e-5)
 
 
+def _by_id(folder: Path, name: str, key: str) -> pd.DataFrame:
+    return pd.read_parquet(folder / f"{name}.parquet").sort_values(key, kind="mergesort").reset_index(drop=True)
+
+
+def test_sharded_equals_in_process_item_for_item(runs):
+    """infer.sharded=true (actors read their own users, map the index, write their own parts)
+    gives the in-process run's recommendations, scores and vectors for every user and item."""
+    local, sharded = runs["local"][0], runs["sharded"][0]
+    a, b = _by_id(local, "recommendations", "user_id"), _by_id(sharded, "recommendations", "user_id")
+    assert len(a) == 120 and list(a["user_id"]) == list(b["user_id"])
+    for ia, ib, sa, sb in zip(a["item_ids"], b["item_ids"], a["scores"], b["scores"]):
+        assert list(ia) == list(ib)
+        np.testing.assert_allclose(sa, sb, rtol=0, atol=1e-5)
+    for name, key in (("item_embeddings", "item_id"), ("user_embeddings", "user_id")):
+        ea, eb = _by_id(local, name, key), _by_id(sharded, name, key)
+        assert list(ea[key]) == list(eb[key])
+        np.testing.assert_allclose(np.stack(ea["embedding"]), np.stack(eb["embedding"]), rtol=0, atol=1e-5)
+    la, lb = (json.loads((r / "metrics.json").read_text()) for r in (local, sharded))
+    for key in ("infer/num_users", "infer/num_items", "infer/mean_list_length", "infer/num_short_lists"):
+        assert la[key] == lb[key]
+
+
+def test_sharded_actors_write_one_part_per_piece_and_the_index_they_map(runs, trained):
+    run_dir, metrics = runs["sharded"]
+    assert metrics["infer/sharded"] == 1 and metrics["infer/num_user_pieces"] == metrics["infer/num_item_pieces"] == 2
+    for name, rows, starts in (("recommendations", 120, [0, 60]), ("user_embeddings", 120, [0, 60]), ("item_embeddings", 60, [0, 30])):
+        parts = sorted((run_dir / f"{name}.parquet").iterdir())
+        assert [p.name for p in parts] == [f"part-{s:012d}.parquet" for s in starts]  # one per piece, none half-written
+        assert sum(pq.ParquetFile(p).metadata.num_rows for p in parts) == rows
+    schema = pq.read_schema(run_dir / "recommendations.parquet" / "part-000000000000.parquet")
+    assert schema.field("item_ids").type == pa.list_(pa.string()) and schema.field("scores").type == pa.list_(pa.float32())
+    index = faiss.read_index(str(run_dir / "index" / "items.faiss"))
+    items = _by_id(run_dir, "item_embeddings", "item_id")
+    assert index.ntotal == 60 and index.d == 32
+    # the index's rows are the item vectors by catalog row, and text.npy the catalog's frozen encodings
+    model = load_embedding_model(trained[1] / "bundle")
+    order = np.argsort(model_item_ids(trained[1]))
+    np.testing.assert_allclose(index.reconstruct_n(0, 60)[order], np.stack(items["embedding"]), rtol=0, atol=1e-6)
+    text = np.load(run_dir / "index" / "text.npy")
+    np.testing.assert_allclose(text, encode_catalog_text(model)[1].numpy(), rtol=0, atol=1e-5)
+    assert not (run_dir / "index" / ".text-parts").exists()
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    stages = saved["infer/seconds_items_stage"] + saved["infer/seconds_index_stage"] + saved["infer/seconds_users_stage"]
+    assert 0 < stages <= saved["infer/seconds_total"] <= WALL["sharded"]
+
+
+def model_item_ids(finetune: Path) -> np.ndarray:
+    return pq.read_table(finetune / "bundle" / "catalog.parquet", columns=["item_id"])["item_id"].to_numpy(zero_copy_only=False).astype(str)
+
+
+def test_sharded_without_ray_is_refused_by_name(tmp_path):
+    cfg = compose_config("batch_infer", [*TINY, f"checkpoint={tmp_path}", "infer.use_ray=false", "infer.sharded=true"], tmp_path)
+    with pytest.raises(ValueError, match="infer.sharded"):
+        batch_infer.run(cfg)
+
+
 def test_scores_equal_the_model_and_seen_items_never_come_back(runs, trained):
     root, finetune = trained
     bundle = load_bundle(finetune / "bundle")
     model, item_ids = bundle.model, bundle.catalog.item_ids.astype(str)
     histories = full_histories_from_split(Path(bundle.config["paths"]["data_dir"]) / bundle.config["data"]["name"])
     item_index = {item: i for i, item in enumerate(item_ids)}
-    for name in ("local", "ray"):
+    for name in ("local", "ray", "sharded"):
         recs = pd.read_parquet(runs[name][0] / "recommendations.parquet")
         assert len(recs) == len(histories)
         for user, items, scores in zip(recs["user_id"], recs["item_ids"], recs["scores"]):

@@ -22,6 +22,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -183,8 +184,13 @@ def test_the_readmes_two_node_recipe_runs_as_written(cluster_dir):
             assert (run / stage / name).is_file(), f"{stage}/{name}"
     for name in ("metrics.json", "test_split.parquet", "test_recommendations.parquet"):
         assert (run / "evaluate" / name).is_file(), f"evaluate/{name}"
-    for name in ("recommendations.parquet", "item_embeddings.parquet", "user_embeddings.parquet", "metrics.json"):
+    # batch inference ran sharded (infer.sharded=true): the actors' parts and the index they mapped, on shared storage
+    for name in ("recommendations.parquet", "item_embeddings.parquet", "user_embeddings.parquet"):
+        assert sorted(p.name for p in (run / "batch_infer" / name).iterdir())[0] == "part-000000000000.parquet", f"batch_infer/{name}"
+    for name in ("metrics.json", "index/items.faiss", "index/text.npy"):
         assert (run / "batch_infer" / name).is_file(), f"batch_infer/{name}"
+    recs = pq.read_table(run / "batch_infer" / "recommendations.parquet")
+    assert recs.num_rows == json.loads((run / "batch_infer" / "metrics.json").read_text())["infer/num_users"] > 0
     assert json.loads((run / "metrics.json").read_text())["evaluate/test/ndcg@10"] > 0
     assert any((folder / "shared" / "ray").glob("*/checkpoint_*"))  # Ray Train's checkpoints: cluster.storage_path
     assert (folder / "shared" / "data" / "synthetic").is_dir()

@@ -170,3 +170,17 @@ def test_seen_items_as_one_flat_array_give_the_same_lists(data):
     keys, counts = SeenItems.from_lists([np.array([3, 3, -1, 7]), np.array([], np.int64), np.array([N, 1])]).keys(N)
     np.testing.assert_array_equal(keys, [3, 7, 2 * N + 1])  # duplicates and out-of-range ids dropped
     np.testing.assert_array_equal(counts, [2, 0, 1])
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_an_index_mapped_from_its_file_searches_as_the_built_one(data, kind, tmp_path):
+    """Sharded batch inference's actors open the index written once, memory-mapped read-only
+    (jobs/runtime/stages/sharded_inference.py): every kind gives the built index's results."""
+    items, users, seen = data
+    built = build_index(items, kind, nlist=8, nprobe=4, pq_m=8)
+    faiss.write_index(built, str(tmp_path / "items.faiss"))
+    mapped = faiss.read_index(str(tmp_path / "items.faiss"), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    ids_a, scores_a = search_unseen(built, users, seen, K)
+    ids_b, scores_b = search_unseen(mapped, users, seen, K)
+    np.testing.assert_array_equal(ids_a, ids_b)
+    np.testing.assert_array_equal(scores_a, scores_b)

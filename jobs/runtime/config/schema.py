@@ -325,6 +325,10 @@ class InferConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     use_ray: bool = True  # false: the same computation in this process
+    # true (with use_ray): nothing gathers on the driver; actors read their users' rows, map the
+    # index and write Parquet parts (jobs/runtime/stages/sharded_inference.py). For data that
+    # outgrows one machine; false keeps the one-file outputs of small runs.
+    sharded: bool = False
     index: IndexConfig = field(default_factory=IndexConfig)
 
 
@@ -674,6 +678,8 @@ def _validate_infer(cfg: DictConfig, fail) -> None:
         fail("infer.cpus_per_actor", f"must be >= 0, got {i.cpus_per_actor}")
     if i.gpus_per_actor < 0:
         fail("infer.gpus_per_actor", f"must be >= 0, got {i.gpus_per_actor}")
+    if i.sharded and not i.use_ray:
+        fail("infer.sharded", "runs on Ray Data actors; it needs infer.use_ray=true")
 
 
 SWEEP_DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")

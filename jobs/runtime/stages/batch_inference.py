@@ -41,6 +41,7 @@ from inference.faiss_index import IndexChoice, auto_index, build_index, search_u
 from jobs.runtime.config.ray_cluster import infer_needs, ray_session
 from jobs.runtime.config.run_folder import create_run_folder, resolve_bundle, run_log_file, write_metrics
 from jobs.runtime.config.schema import validate
+from jobs.runtime.stages.sharded_inference import sharded_batch_infer
 from jobs.runtime.tracking.console import say
 from jobs.runtime.tracking.wandb_runs import log_job_result
 
@@ -251,6 +252,12 @@ def index_choice(cfg: DictConfig, num_items: int) -> IndexChoice:
 
 def batch_infer(cfg: DictConfig, bundle_path: Path, run_dir: Path) -> dict[str, float]:
     """Embed, index, search and write; returns the counts and timings of metrics.json."""
+    if cfg.infer.sharded:
+        t0 = time.perf_counter()
+        with ray_session(cfg, infer_needs(cfg), {str(cfg.paths.outputs_root): "paths.outputs_root"}):
+            ray_start = time.perf_counter() - t0
+            metrics = sharded_batch_infer(cfg, bundle_path, run_dir, index_choice)
+        return metrics | {"infer/seconds_ray_start": ray_start, "infer/seconds_total": time.perf_counter() - t0}
     t_start = time.perf_counter()
     bundle = load_bundle(bundle_path)
     num_items = bundle.catalog.num_items
