@@ -41,7 +41,7 @@ from inference.faiss_index import IndexChoice, auto_index, build_index, search_u
 from jobs.runtime.config.ray_cluster import infer_needs, ray_session
 from jobs.runtime.config.run_folder import create_run_folder, resolve_bundle, run_log_file, write_metrics
 from jobs.runtime.config.schema import validate
-from jobs.runtime.stages.sharded_inference import sharded_batch_infer
+from jobs.runtime.stages.sharded_inference import recommendations_table, sharded_batch_infer, vector_column
 from jobs.runtime.tracking.console import say
 from jobs.runtime.tracking.wandb_runs import log_job_result
 
@@ -180,18 +180,6 @@ def embed_in_process(cfg: DictConfig, bundle: ModelBundle, users: UserHistories)
 ROWS_PER_GROUP = 1_000_000  # rows per Parquet row group: list offsets stay within int32 (100 M users x top-100 overflow one)
 
 
-def _vector_column(vectors: np.ndarray) -> pa.Array:
-    """An [n, d] float32 matrix as a list<float32> column."""
-    n, d = vectors.shape
-    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * d), pa.array(vectors.reshape(-1), type=pa.float32()))
-
-
-def _ragged_column(values: np.ndarray, keep: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
-    """Rows of ``values`` [n, k] restricted to ``keep`` (a prefix per row) as a list column."""
-    offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[keep], type=arrow_type))
-
-
 def _write_in_row_groups(path: Path, num_rows: int, table_of: Callable[[slice], pa.Table]) -> None:
     """Write ``table_of(rows)`` for successive slices of ``ROWS_PER_GROUP`` rows as one file: memory
     and list offsets bounded by a row group, whatever the number of users or items."""
@@ -211,26 +199,14 @@ def write_outputs(run_dir: Path, bundle: ModelBundle, item_vecs: np.ndarray, use
     users = pa.array(bundle.users.user_ids.astype(str), type=pa.string())
     catalog_ids = pa.array(bundle.catalog.item_ids.astype(str), type=pa.string())
 
-    def recommendations(rows: slice) -> pa.Table:
-        keep = ids[rows] >= 0
-        offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
-        return pa.table(
-            {
-                "user_id": users[rows],
-                # ids to strings by one Arrow take, not one Python string per recommendation
-                "item_ids": pa.ListArray.from_arrays(pa.array(offsets), catalog_ids.take(pa.array(ids[rows][keep]))),
-                "scores": _ragged_column(scores[rows].astype(np.float32), keep, pa.float32()),
-            }
-        )
-
-    _write_in_row_groups(run_dir / "recommendations.parquet", len(users), recommendations)
+    _write_in_row_groups(run_dir / "recommendations.parquet", len(users), lambda rows: recommendations_table(users[rows], ids[rows], scores[rows], catalog_ids))
     _write_in_row_groups(
         run_dir / "item_embeddings.parquet",
         len(catalog_ids),
-        lambda rows: pa.table({"item_id": catalog_ids[rows], "embedding": _vector_column(item_vecs[rows])}),
+        lambda rows: pa.table({"item_id": catalog_ids[rows], "embedding": vector_column(item_vecs[rows])}),
     )
     _write_in_row_groups(
-        run_dir / "user_embeddings.parquet", len(users), lambda rows: pa.table({"user_id": users[rows], "embedding": _vector_column(user_vecs[rows])})
+        run_dir / "user_embeddings.parquet", len(users), lambda rows: pa.table({"user_id": users[rows], "embedding": vector_column(user_vecs[rows])})
     )
 
 

@@ -98,14 +98,24 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def _vector_column(vectors: np.ndarray) -> pa.Array:
+def vector_column(vectors: np.ndarray) -> pa.Array:
+    """An [n, d] float32 matrix as a list<float32> column."""
     n, d = vectors.shape
     return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * d), pa.array(vectors.reshape(-1), type=pa.float32()))
 
 
-def _ragged_column(values: np.ndarray, keep: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
-    offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[keep], type=arrow_type))
+def recommendations_table(user_ids: pa.Array, ids: np.ndarray, scores: np.ndarray, catalog_ids: pa.Array) -> pa.Table:
+    """user_id, item_ids (raw ids, one Arrow take: no Python string per recommendation) and
+    scores of top-k rows ``ids`` / ``scores`` [n, k], each cut before its -1 fillers."""
+    keep = ids >= 0
+    offsets = pa.array(np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32))
+    return pa.table(
+        {
+            "user_id": user_ids,
+            "item_ids": pa.ListArray.from_arrays(offsets, catalog_ids.take(pa.array(ids[keep]))),
+            "scores": pa.ListArray.from_arrays(offsets, pa.array(scores.astype(np.float32)[keep], type=pa.float32())),
+        }
+    )
 
 
 def _vectors(path: Path) -> np.ndarray:
@@ -145,7 +155,7 @@ class CatalogPart:
         vectors = np.concatenate([embed_items(self.model, key[s : s + self.batch_size], encoded) for s in range(0, len(key), self.batch_size)])
         ids = read_rows(self.catalog, ["item_id"], start, stop)["item_id"].cast(pa.string())
         t1 = time.perf_counter()
-        table = pa.table({"item_id": ids, "embedding": _vector_column(vectors)})
+        table = pa.table({"item_id": ids, "embedding": vector_column(vectors)})
         _write_atomic(self.run_dir / ITEM_EMBEDDINGS / part_name(start), lambda p: pq.write_table(table, p))
         if encoded is not None:
             text = encoded[1].float().cpu().numpy()
@@ -232,19 +242,11 @@ class UserPart:
         ids, inner = search_unseen(self.index, vectors, users.seen, self.top_k)
         scores = inner / self.temperature
         t2 = time.perf_counter()
-        keep = ids >= 0
-        offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
-        recs = pa.table(
-            {
-                "user_id": user_ids,
-                "item_ids": pa.ListArray.from_arrays(pa.array(offsets), self.item_ids.take(pa.array(ids[keep]))),
-                "scores": _ragged_column(scores.astype(np.float32), keep, pa.float32()),
-            }
-        )
+        recs = recommendations_table(user_ids, ids, scores, self.item_ids)
         _write_atomic(self.run_dir / RECOMMENDATIONS / part_name(start), lambda p: pq.write_table(recs, p))
-        emb = pa.table({"user_id": user_ids, "embedding": _vector_column(vectors)})
+        emb = pa.table({"user_id": user_ids, "embedding": vector_column(vectors)})
         _write_atomic(self.run_dir / USER_EMBEDDINGS / part_name(start), lambda p: pq.write_table(emb, p))
-        lengths = keep.sum(axis=1)
+        lengths = (ids >= 0).sum(axis=1)
         return {
             "rows": np.array([stop - start]),
             "listed": np.array([int(lengths.sum())]),
