@@ -326,13 +326,53 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise BundleError(path, f"cannot read the weights ({e})") from None
 
 
-def _matrix(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
+def list_matrix(column: pa.ChunkedArray, path: Path, name: str, dtype: type = np.int64) -> np.ndarray:
+    """A list column whose rows all have one length as an [n, width] matrix of ``dtype``."""
     flat = column.combine_chunks()
     lengths = flat.value_lengths().to_numpy(zero_copy_only=False)
     if len(lengths) and (lengths != lengths[0]).any():
         raise BundleError(path, f"column '{name}' has rows of different lengths")
     width = int(lengths[0]) if len(lengths) else 0
-    return flat.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(len(lengths), width)
+    return flat.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(lengths), width)
+
+
+def read_rows(path: Path, columns: list[str], start: int, stop: int) -> pa.Table:
+    """Rows ``start..stop-1`` of a Parquet file, reading only the row groups they lie in."""
+    try:
+        f = pq.ParquetFile(path)
+        groups: list[int] = []
+        first = row = 0
+        for g in range(f.metadata.num_row_groups):
+            n = f.metadata.row_group(g).num_rows
+            if row + n > start and row < stop:
+                if not groups:
+                    first = row
+                groups.append(g)
+            row += n
+        if stop > row:
+            raise BundleError(path, f"has {row} rows, rows {start}..{stop - 1} were asked for")
+        return f.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+    except (pa.ArrowInvalid, OSError, KeyError) as e:
+        raise BundleError(path, f"cannot read rows {start}..{stop - 1} of columns {columns} ({e})") from None
+
+
+def _histories(table: pa.Table, path: Path, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``history`` column as CSR (offsets from 0, item indices), checked against the catalog."""
+    hist = table["history"].combine_chunks()
+    offsets = np.asarray(hist.offsets, dtype=np.int64)
+    values = hist.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]].astype(np.int64)
+    if len(values) and (values.min() < 0 or values.max() >= num_items):
+        raise BundleError(path, f"histories name item indices outside the catalog's 0..{num_items - 1}")
+    return offsets - offsets[0], values
+
+
+def read_user_rows(folder: str | Path, num_items: int, start: int, stop: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Users ``start..stop-1`` of a bundle's users.parquet, reading only their row groups: their
+    raw ids and their whole histories as CSR (offsets, item indices)."""
+    path = Path(folder) / USERS
+    table = read_rows(path, ["user_id", "history"], start, stop)
+    offsets, values = _histories(table, path, num_items)
+    return table["user_id"].combine_chunks().cast(pa.string()), offsets, values
 
 
 def _read_catalog(path: Path) -> Catalog:
@@ -351,8 +391,8 @@ def _read_catalog(path: Path) -> Catalog:
         raise BundleError(path, "item_id values repeat")
     tokens = mask = None
     if "token_ids" in table.column_names:
-        tokens = _matrix(table["token_ids"], path, "token_ids")
-        mask = _matrix(table["attention_mask"], path, "attention_mask")
+        tokens = list_matrix(table["token_ids"], path, "token_ids")
+        mask = list_matrix(table["attention_mask"], path, "attention_mask")
         if tokens.shape != mask.shape:
             raise BundleError(path, f"token_ids {tokens.shape} and attention_mask {mask.shape} differ in shape")
     return Catalog(
@@ -375,11 +415,7 @@ def _read_users(path: Path, num_items: int) -> UserTable:
     for col in ("user_idx", "user_id", "history"):
         if col not in table.column_names:
             raise BundleError(path, f"lacks the column '{col}'")
-    hist = table["history"].combine_chunks()
-    offsets = hist.offsets.to_numpy()
-    values = hist.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    if len(values) and (values.min() < 0 or values.max() >= num_items):
-        raise BundleError(path, f"histories name item indices outside the catalog's 0..{num_items - 1}")
+    offsets, values = _histories(table, path, num_items)
     histories = [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
     return UserTable(np.asarray(table["user_id"].to_pylist(), dtype=object), histories)
 
@@ -455,7 +491,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", verify: b
     _check_sizes(folder, spec, manifest, table.num_rows)
     tokens = None
     if "token_ids" in table.column_names:
-        ids, mask = _matrix(table["token_ids"], path, "token_ids"), _matrix(table["attention_mask"], path, "attention_mask")
+        ids, mask = list_matrix(table["token_ids"], path, "token_ids"), list_matrix(table["attention_mask"], path, "attention_mask")
         if ids.shape != mask.shape:
             raise BundleError(path, f"token_ids {ids.shape} and attention_mask {mask.shape} differ in shape")
         tokens = (torch.as_tensor(ids), torch.as_tensor(mask))

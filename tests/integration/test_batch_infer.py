@@ -57,7 +57,7 @@ def runs(trained) -> dict[str, tuple[Path, dict[str, float]]]:
         with pytest.MonkeyPatch.context() as mp:
             if name == "sharded":  # the driver (this process) must not load the model, the catalog or the histories
                 for target in (batch_infer_stage, bundle_module):
-                    for fn in ("load_bundle", "load_model", "_read_users", "_read_catalog"):
+                    for fn in ("load_bundle", "load_model", "_read_users", "_read_catalog", "read_user_rows"):
                         if hasattr(target, fn):
                             mp.setattr(target, fn, _refuse(fn))
             out[name] = (Path(cfg.paths.output_dir), batch_infer.run(cfg))

@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig
 
-from inference.bundle import CATALOG, USERS, BundleError, read_manifest, verify_files
-from inference.embedding import embed_items, embed_users, encode_catalog_text, load_embedding_model, user_histories
+from inference.bundle import CATALOG, USERS, BundleError, list_matrix, read_manifest, read_rows, read_user_rows, verify_files
+from inference.embedding import embed_all_users, embed_items, encode_catalog_text, load_embedding_model, user_histories
 from inference.faiss_index import IndexChoice, SeenItems, build_index, search_unseen
 
 log = logging.getLogger(__name__)
@@ -62,25 +62,6 @@ def pieces(n: int, num_actors: int, piece_rows: int = PIECE_ROWS) -> list[tuple[
 
 def part_name(start: int) -> str:
     return f"part-{start:012d}.parquet"
-
-
-def read_rows(path: Path, columns: list[str], start: int, stop: int) -> pa.Table:
-    """Rows ``start..stop-1`` of a Parquet file, reading only the row groups they lie in."""
-    try:
-        f = pq.ParquetFile(path)
-        groups, first, row = [], 0, 0
-        for g in range(f.metadata.num_row_groups):
-            n = f.metadata.row_group(g).num_rows
-            if row + n > start and row < stop:
-                if not groups:
-                    first = row
-                groups.append(g)
-            row += n
-        if stop > row:
-            raise BundleError(path, f"has {row} rows, rows {start}..{stop - 1} were asked for")
-        return f.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
-    except (pa.ArrowInvalid, OSError, KeyError) as e:
-        raise BundleError(path, f"cannot read rows {start}..{stop - 1} of columns {columns} ({e})") from None
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -116,15 +97,6 @@ def recommendations_table(user_ids: pa.Array, ids: np.ndarray, scores: np.ndarra
             "scores": pa.ListArray.from_arrays(offsets, pa.array(scores.astype(np.float32)[keep], type=pa.float32())),
         }
     )
-
-
-def _vectors(path: Path) -> np.ndarray:
-    """The ``embedding`` column of an embeddings part as an [n, d] float32 matrix."""
-    col = pq.read_table(path, columns=["embedding"])["embedding"].combine_chunks()
-    if len(col) == 0:
-        return np.zeros((0, 0), np.float32)
-    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return values.reshape(len(col), -1)
 
 
 def _piece(batch: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -170,7 +142,7 @@ def build_index_files(run_dir: str, num_items: int, kind: str, params: dict, wit
     root = Path(run_dir)
     parts = sorted((root / ITEM_EMBEDDINGS).glob("part-*.parquet"))
     starts = [int(p.stem.removeprefix("part-")) for p in parts]
-    matrices = [_vectors(p) for p in parts]
+    matrices = [list_matrix(pq.read_table(p, columns=["embedding"])["embedding"], p, "embedding", np.float32) for p in parts]
     sizes = [len(m) for m in matrices]
     if starts != list(np.cumsum([0, *sizes[:-1]])) or sum(sizes) != num_items:
         raise RuntimeError(f"{root / ITEM_EMBEDDINGS}: parts at rows {starts} of {sizes} rows do not cover the catalog's {num_items} items in order")
@@ -209,7 +181,7 @@ class UserPart:
         torch.set_grad_enabled(False)
         self.model = load_embedding_model(bundle_path, device)
         self.temperature = np.float32(float(self.model.temperature))
-        self.users = Path(bundle_path) / USERS
+        self.bundle = Path(bundle_path)
         self.run_dir, self.batch_size, self.top_k, self.max_seq_len, self.num_items = Path(run_dir), batch_size, top_k, max_seq_len, num_items
         index_dir = self.run_dir / INDEX_DIR
         self.index = faiss.read_index(str(index_dir / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
@@ -220,24 +192,18 @@ class UserPart:
         self.item_ids = pq.read_table(Path(bundle_path) / CATALOG, columns=["item_id"])["item_id"].combine_chunks().cast(pa.string())
 
     def _histories(self, start: int, stop: int) -> tuple[pa.Array, SeenItems]:
-        table = read_rows(self.users, ["user_id", "history"], start, stop)
-        hist = table["history"].combine_chunks()
-        offsets = np.asarray(hist.offsets, dtype=np.int64)
-        values = hist.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]].astype(np.int64)
-        if len(values) and (values.min() < 0 or values.max() >= self.num_items):
-            raise BundleError(self.users, f"rows {start}..{stop - 1}: histories name item indices outside the catalog's 0..{self.num_items - 1}")
+        user_ids, offsets, values = read_user_rows(self.bundle, self.num_items, start, stop)
         counts = np.diff(offsets)
-        if len(counts) and counts.min() == 0:
-            raise BundleError(self.users, f"row {start + int(np.argmin(counts))} has an empty history; it cannot be embedded")
-        return table["user_id"].combine_chunks().cast(pa.string()), SeenItems(offsets - offsets[0], values)
+        if len(counts) and counts.min() == 0:  # named by its row of the file, not of the piece
+            raise BundleError(self.bundle / USERS, f"row {start + int(np.argmin(counts))} has an empty history; it cannot be embedded")
+        return user_ids, SeenItems(offsets, values)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         start, stop = _piece(batch)
         user_ids, seen = self._histories(start, stop)
         users = user_histories(seen, self.max_seq_len)
-        b = self.batch_size
-        vectors = np.concatenate([embed_users(self.model, users.items[s : s + b], users.lengths[s : s + b], self.encoded) for s in range(0, stop - start, b)])
+        vectors = embed_all_users(self.model, users, self.batch_size, encoded=self.encoded)
         t1 = time.perf_counter()
         ids, inner = search_unseen(self.index, vectors, users.seen, self.top_k)
         scores = inner / self.temperature
