@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from datamodules.leave_one_out import SPLITS, TEST, TRAIN, VALID, group_starts, positions_and_counts, split_codes
 from datamodules.preprocess import SEQUENCES
@@ -48,6 +50,7 @@ class TrainSequences(Dataset):
         back = np.arange(len(seq), dtype=np.int64) - np.repeat(first, per_seq)  # 0 = the last window
         end = lengths[seq] - back * max_seq_len
         self.values = seqs.values
+        self.sequence = seq  # the sequence (user row) each window is cut from
         self.ends = seqs.offsets[seq] + end
         self.starts = seqs.offsets[seq] + np.maximum(0, end - max_seq_len - 1)
 
@@ -59,6 +62,32 @@ class TrainSequences(Dataset):
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+
+class RankShardSampler(Sampler[int]):
+    """One rank's training windows when each rank holds only its own users (``data.shard_by_rank``):
+    every epoch a fresh permutation of the rank's windows, wrapped around to ``total`` so that all
+    ranks step the same number of batches (as torch's DistributedSampler pads its shards). Keeps a
+    line per epoch of what it scheduled: the window count and the distinct users (global user_idx)
+    those windows come from, with the smallest and largest."""
+
+    def __init__(self, data: TrainSequences, user_index: np.ndarray, total: int):
+        if len(data) == 0:
+            raise ValueError(f"data.shard_by_rank: this rank's users (user_idx {int(user_index[0]) if len(user_index) else '-'}..) have no training window")
+        self.data, self.user_index, self.total = data, user_index, total
+        self.epochs: list[dict[str, int]] = []
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(len(self.data)).numpy()
+        order = np.resize(order, self.total)  # wraps around: a few windows twice on the ranks with fewer
+        users = np.unique(self.user_index[self.data.sequence[order]])
+        self.epochs.append(
+            {"windows_local": len(self.data), "windows": len(order), "users": len(users), "first_user": int(users[0]), "last_user": int(users[-1])}
+        )
+        return iter(order.tolist())
 
 
 def collate_train(chunks: list[np.ndarray]) -> dict[str, torch.Tensor]:
@@ -120,8 +149,33 @@ def collate_eval(rows: list[tuple[int, np.ndarray, int, int, np.ndarray]]) -> di
     }
 
 
+def _all_reduce(values: np.ndarray, op: str) -> np.ndarray:
+    """``values`` summed ('sum') or maximised ('max') over the ranks of torch.distributed's
+    default group (on the GPU with NCCL, which reduces no CPU tensors)."""
+    import torch.distributed as dist
+
+    tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor.cpu().numpy()
+
+
+def _user_range(lo: int, hi: int) -> list[tuple[str, str, int]]:
+    """A Parquet filter on user_idx in [lo, hi): row groups outside it are skipped by their statistics."""
+    return [("user_idx", ">=", lo), ("user_idx", "<", hi)]
+
+
 class SequenceDataModule(pl.LightningDataModule):
-    """Serves training windows and valid/test full-ranking batches from ``split.parquet``."""
+    """Serves training windows and valid/test full-ranking batches from ``split.parquet``.
+
+    With ``world_size`` > 1 (``data.shard_by_rank`` on a multi-worker run) each rank reads only
+    its own users: the contiguous range ``user_idx`` in [U*rank/W, U*(rank+1)/W), row groups
+    chosen by their statistics, so no rank reads the others' interactions. What must be global is
+    reduced over torch.distributed: the items' training counts (the sampled softmax and the
+    popularity baseline), the test items that cold-start items are drawn from, and the number of
+    training windows and validation users, which every rank pads to the largest by wrapping
+    around its own (the users a rank repeats are counted once when validation gathers)."""
 
     def __init__(
         self,
@@ -133,6 +187,8 @@ class SequenceDataModule(pl.LightningDataModule):
         train_windows: str = "all",
         cold_items: int = 0,
         cold_seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         super().__init__()  # argument values are checked by the config schema, before any data is read
         self.data_dir = Path(data_dir)
@@ -143,20 +199,39 @@ class SequenceDataModule(pl.LightningDataModule):
         self.train_windows = train_windows
         self.cold_items = cold_items
         self.cold_seed = cold_seed
+        self.rank, self.world_size = rank, world_size
+        self.train_sampler: RankShardSampler | None = None
         self._loaded = False
+
+    @property
+    def sharded(self) -> bool:
+        """Each rank holds only its own users (``world_size`` > 1)."""
+        return self.world_size > 1
+
+    def _global(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        return _all_reduce(values, op) if self.sharded else values
 
     def setup(self, stage: str | None = None) -> None:
         if self._loaded:
             return
         # one Python object per item and per user (ids, texts, category lists), none per interaction
         items = pq.read_table(self.data_dir / "items.parquet")
+        lo, hi = 0, None
+        if self.sharded:
+            total = json.loads((self.data_dir / "meta.json").read_text())["num_users"]
+            lo, hi = total * self.rank // self.world_size, total * (self.rank + 1) // self.world_size
+            if hi == lo:
+                raise ValueError(f"data.shard_by_rank: {total} users for {self.world_size} workers leave rank {self.rank} none")
         if (self.data_dir / SEQUENCES).is_dir():  # prepared by data.engine=ray
-            user_ids, user_col, item_col, offsets = self._read_sequences(self.data_dir / SEQUENCES)
+            user_ids, user_col, item_col, offsets = self._read_sequences(self.data_dir / SEQUENCES, lo, hi)
         else:
-            user_ids = pq.read_table(self.data_dir / "users.parquet", columns=["user_id"])["user_id"]
-            user_col, item_col, offsets = self._read_split(self.data_dir / "split.parquet")
+            users = self.data_dir / "users.parquet"
+            user_ids = pq.read_table(users, columns=["user_id"], filters=_user_range(lo, hi) if hi is not None else None)["user_id"]
+            user_col, item_col, offsets = self._read_split(self.data_dir / "split.parquet", lo, hi)
         self.num_items = items.num_rows
-        self.num_users = len(user_ids)
+        self.num_users = total if self.sharded else len(user_ids)
+        self.first_user = lo  # user_ids[i] is the raw id of user_idx first_user + i
+        self.shard = {"rank": self.rank, "world_size": self.world_size, "user_idx": [lo, lo + len(user_ids)], "rows_read": len(item_col)}
         with gc_paused():
             self.item_ids = items["item_id"].to_numpy()
             self.user_ids = user_ids.to_numpy()
@@ -176,15 +251,21 @@ class SequenceDataModule(pl.LightningDataModule):
         self.seen_train_sequences = self.train_sequences
         if self.cold_mask.any():  # cold items never reach training: their interactions are dropped
             self.train_sequences = self.train_sequences.keep_values(~self.cold_mask[self.train_sequences.values])
-        counts = np.bincount(self.train_sequences.values, minlength=self.num_items)
+        counts = self._global(np.bincount(self.train_sequences.values, minlength=self.num_items))
         self.item_train_counts = counts.astype(np.float64)
         self._loaded = True
 
+    def raw_user_ids(self) -> np.ndarray:
+        """The raw id of each of this datamodule's users, in the order of ``user_index``."""
+        return self.user_ids[self.user_index - self.first_user]
+
     @staticmethod
-    def _read_split(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """user_idx and item_idx of split.parquet ordered by user and position, and each user's
-        offsets; checks, for all users at once, that each is split as train..., valid, test."""
-        table = pq.read_table(path, columns=["user_idx", "item_idx", "position", "split"])
+    def _read_split(path: Path, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """user_idx and item_idx of split.parquet (the users lo <= user_idx < hi, or all with
+        ``hi`` None) ordered by user and position, and each user's offsets; checks, for all users
+        at once, that each is split as train..., valid, test."""
+        columns = ["user_idx", "item_idx", "position", "split"]
+        table = pq.read_table(path, columns=columns, filters=_user_range(lo, hi) if hi is not None else None)
         user = table["user_idx"].to_numpy()
         position = table["position"].to_numpy()
         in_order = bool((user[1:] >= user[:-1]).all()) and bool(((position[1:] == position[:-1] + 1) | (position[1:] == 0)).all())
@@ -209,15 +290,21 @@ class SequenceDataModule(pl.LightningDataModule):
         return user, item, offsets
 
     @staticmethod
-    def _read_sequences(folder: Path) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray, np.ndarray]:
+    def _read_sequences(folder: Path, lo: int = 0, hi: int | None = None) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray, np.ndarray]:
         """The per-user table of ``data.engine=ray`` (one row per user: its items in time order and
-        its split positions) as the users' raw ids and the columns :meth:`_read_split` gives;
-        checks that the users are numbered 0..n-1 and split as train..., valid, test."""
-        table = pq.read_table(folder, columns=["user_idx", "user_id", "item_idx", "valid_position", "test_position"])
+        its split positions; the users lo <= user_idx < hi, or all with ``hi`` None) as the users'
+        raw ids and the columns :meth:`_read_split` gives; checks that the users are numbered
+        lo..hi-1 and split as train..., valid, test."""
+        columns = ["user_idx", "user_id", "item_idx", "valid_position", "test_position"]
+        table = pq.read_table(folder, columns=columns, filters=_user_range(lo, hi) if hi is not None else None)
         table = table.take(pa.array(np.argsort(table["user_idx"].to_numpy(), kind="stable")))
         user = table["user_idx"].to_numpy()
-        if (user != np.arange(len(user))).any():
-            raise ValueError(f"{folder}: field 'user_idx' is not 0..{len(user) - 1} (user_idx {user[np.argmax(user != np.arange(len(user)))]})")
+        end = lo + len(user) if hi is None else hi
+        expected = np.arange(lo, lo + len(user))
+        wrong = np.flatnonzero(user != expected)
+        if len(wrong) or lo + len(user) != end:
+            at = f"user_idx {user[wrong[0]]}" if len(wrong) else f"{len(user)} users found"
+            raise ValueError(f"{folder}: field 'user_idx' is not {lo}..{end - 1} ({at})")
         lists = table["item_idx"].combine_chunks()
         offsets = lists.offsets.to_numpy().astype(np.int64)
         offsets = offsets - offsets[0]
@@ -232,8 +319,8 @@ class SequenceDataModule(pl.LightningDataModule):
         """Boolean mask of the items held out of all training: ``cold_items`` items drawn
         (seeded) among the test items, so that each is some user's test target."""
         mask = np.zeros(self.num_items, dtype=bool)
-        if self.cold_items:
-            candidates = np.unique(self.test_targets)
+        if self.cold_items:  # the distinct test items of all users (of every rank's, when sharded)
+            candidates = np.flatnonzero(self._global(np.bincount(self.test_targets, minlength=self.num_items)))
             if self.cold_items > len(candidates):
                 raise ValueError(f"data.cold_start.num_items={self.cold_items}: only {len(candidates)} distinct test items to hold out")
             rng = np.random.default_rng(self.cold_seed)
@@ -266,12 +353,21 @@ class SequenceDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         data = TrainSequences(self.train_sequences, self.max_seq_len, self.train_windows)
-        return DataLoader(data, batch_size=self.batch_size, shuffle=True, collate_fn=collate_train, num_workers=self.num_workers, drop_last=False)
+        if not self.sharded:
+            return DataLoader(data, batch_size=self.batch_size, shuffle=True, collate_fn=collate_train, num_workers=self.num_workers, drop_last=False)
+        total = int(self._global(np.array([len(data)]), "max")[0])
+        self.train_sampler = RankShardSampler(data, self.user_index, total)
+        return DataLoader(data, batch_size=self.batch_size, sampler=self.train_sampler, collate_fn=collate_train, num_workers=self.num_workers)
 
     def eval_dataloader(self, split: str, targets_kind: str = "all") -> DataLoader:
-        return DataLoader(
-            self.eval_dataset(split, targets_kind), batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_eval, num_workers=self.num_workers
-        )
+        examples = self.eval_dataset(split, targets_kind)
+        data: Dataset = examples
+        if self.sharded:  # every rank the same number of batches: its own users, wrapped around to the largest count
+            total = int(self._global(np.array([len(examples)]), "max")[0])
+            if not len(examples):
+                raise ValueError(f"data.shard_by_rank: rank {self.rank} has no {split} users ({targets_kind})")
+            data = Subset(examples, np.resize(np.arange(len(examples)), total).tolist())
+        return DataLoader(data, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_eval, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("valid")

@@ -192,6 +192,21 @@ def test_the_readmes_two_node_recipe_runs_as_written(cluster_dir):
     recs = pq.read_table(run / "batch_infer" / "recommendations.parquet")
     assert recs.num_rows == json.loads((run / "batch_infer" / "metrics.json").read_text())["infer/num_users"] > 0
     assert json.loads((run / "metrics.json").read_text())["evaluate/test/ndcg@10"] > 0
+    # each training worker read only its own users' rows (data.shard_by_rank=true), every epoch of both stages
+    num_users = json.loads((run / "finetune" / "bundle" / "manifest.json").read_text())["num_users"]
+    for stage in ("pretrain", "finetune"):
+        lines = [json.loads(line) for f in sorted((run / stage / "shards").glob("rank-*.jsonl")) for line in f.read_text().splitlines()]
+        epochs = sorted({line["epoch"] for line in lines})
+        assert epochs == list(range(len(epochs))) and epochs, f"{stage}: {lines}"
+        for epoch in epochs:
+            ranks = sorted((line for line in lines if line["epoch"] == epoch), key=lambda line: line["rank"])
+            assert [r["rank"] for r in ranks] == [0, 1] and len({r["node_id"] for r in ranks}) == 2, ranks  # one on each node
+            (lo0, hi0), (lo1, hi1) = ranks[0]["user_idx"], ranks[1]["user_idx"]
+            assert lo0 == 0 and hi0 == lo1 and hi1 == num_users, ranks  # disjoint, and together every user
+            for r in ranks:
+                assert r["user_idx"][0] <= r["first_user"] <= r["last_user"] < r["user_idx"][1], r  # trained on its own users only
+                assert 0.4 < r["rows_read"] / sum(x["rows_read"] for x in ranks) < 0.6, ranks  # about half the rows each
+            assert ranks[0]["windows"] == ranks[1]["windows"] == max(r["windows_local"] for r in ranks)  # the same steps on both
     assert any((folder / "shared" / "ray").glob("*/checkpoint_*"))  # Ray Train's checkpoints: cluster.storage_path
     assert (folder / "shared" / "data" / "synthetic").is_dir()
 

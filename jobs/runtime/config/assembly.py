@@ -101,7 +101,12 @@ def data_engine(cfg: DictConfig, source: ParquetFolder | RawDataset) -> str:
 
 
 def build_datamodule(cfg: DictConfig) -> SequenceDataModule:
+    """The stage's datamodule, set up. With ``data.shard_by_rank`` in a process of a
+    torch.distributed group (a Ray Train worker) it reads only this rank's users."""
     prepared = prepare_data(cfg)
+    rank, world_size = 0, 1
+    if cfg.data.shard_by_rank and torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     dm = SequenceDataModule(
         prepared.folder,
         max_seq_len=cfg.data.max_seq_len,
@@ -111,6 +116,8 @@ def build_datamodule(cfg: DictConfig) -> SequenceDataModule:
         train_windows=_value(cfg.data.train_windows),
         cold_items=cfg.data.cold_start.num_items,
         cold_seed=cfg.data.cold_start.seed,
+        rank=rank,
+        world_size=world_size,
     )
     dm.setup()
     return dm

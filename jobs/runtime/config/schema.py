@@ -96,6 +96,10 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 0
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    # on a multi-worker Ray run each training worker reads only its own users' rows (a contiguous
+    # user_idx range, Parquet row groups picked by their statistics) instead of every interaction;
+    # writes <run>/shards/rank-<r>.jsonl, a line per epoch of what the rank read and trained on
+    shard_by_rank: bool = False
 
 
 @dataclass

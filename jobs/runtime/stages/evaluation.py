@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def write_test_files(run_dir: Path, dm: SequenceDataModule, lists: torch.Tensor, scores: torch.Tensor) -> None:
     """test_split.parquet and test_recommendations.parquet with raw ids (DESIGN.md section 4)."""
-    users = dm.user_ids[dm.user_index]
+    users = dm.raw_user_ids()
     pq.write_table(pa.table({"user_id": users.astype(str), "item_id": dm.item_ids[dm.test_targets].astype(str)}), run_dir / "test_split.parquet")
     ids = dm.item_ids[lists.numpy()].astype(str)
     scores = scores.numpy().astype(np.float32)

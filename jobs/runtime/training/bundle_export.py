@@ -45,7 +45,7 @@ def catalog_of(dm: SequenceDataModule, model: TwoTowerModel) -> Catalog:
 
 
 def users_of(dm: SequenceDataModule) -> UserTable:
-    return UserTable(np.asarray(dm.user_ids[dm.user_index], dtype=object), full_histories(dm))
+    return UserTable(np.asarray(dm.raw_user_ids(), dtype=object), full_histories(dm))
 
 
 def export_bundle(

@@ -142,6 +142,27 @@ class TrainingProgress(Callback):
             self._write(trainer, "validate", 0, 1, force=True)
 
 
+class ShardReport(Callback):
+    """``data.shard_by_rank``: every rank appends one line per training epoch to
+    <run>/shards/rank-<r>.jsonl: its node, the user_idx range and interaction rows it read, and
+    what its sampler scheduled that epoch (windows, distinct users and the first and last)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        if dm.train_sampler is None or not dm.train_sampler.epochs:
+            return
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        line = {"epoch": trainer.current_epoch, "node_id": node, "pid": os.getpid()} | dm.shard | dm.train_sampler.epochs[-1]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"rank-{dm.rank}.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
 def stage_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
     """The callbacks every fit gets: the epoch history (and progress for the console's bar),
     plus the averaging and debug ones configured."""

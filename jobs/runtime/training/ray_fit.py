@@ -27,7 +27,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train.lightning import RayLightningEnvironment, prepare_trainer
 
     from jobs.runtime.config.assembly import build_trainer, finish_wandb, precision_of
-    from jobs.runtime.training.callbacks import EpochReport, stage_callbacks
+    from jobs.runtime.training.callbacks import EpochReport, ShardReport, stage_callbacks
     from jobs.runtime.training.checkpoints import restore_config
     from jobs.runtime.training.local_fit import build_stage
     from jobs.runtime.training.ray_strategies import build_strategy
@@ -49,6 +49,7 @@ def train_loop_per_worker(config: dict) -> None:
         EpochReport(),
         EarlyStopping(monitor=cfg.trainer.monitor, mode="max", patience=cfg.trainer.early_stopping_patience),
         *stage_callbacks(cfg, run_dir),
+        *([ShardReport(run_dir / "shards")] if dm.sharded else []),
     ]
     trainer = build_trainer(
         cfg,
@@ -60,6 +61,7 @@ def train_loop_per_worker(config: dict) -> None:
         strategy=build_strategy(cfg, precision_of(cfg)),
         plugins=[RayLightningEnvironment()],
         enable_checkpointing=False,
+        use_distributed_sampler=not dm.sharded,  # sharded: each rank's loaders hold its own users already
         gradient_clip_val=None if deepspeed else cfg.trainer.gradient_clip_val,
     )
     trainer = prepare_trainer(trainer)
