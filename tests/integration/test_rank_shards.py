@@ -84,12 +84,17 @@ def ranks(folders, tmp_path_factory) -> list[dict]:
     return [pickle.loads((out / f"rank-{r}.pkl").read_bytes()) for r in range(2)]
 
 
-@pytest.mark.parametrize("layout", ["split", "sequences"])
-def test_two_ranks_read_disjoint_users_whose_rows_together_are_the_whole_data(folders, ranks, layout):
+def read_whole_and_ranks(folders, ranks, layout):
+    """The layout's folder, one process's datamodule over all of it, and what each rank saw of it."""
     folder = folders[layout]
     whole = SequenceDataModule(folder, max_seq_len=MAX_SEQ_LEN, cold_items=COLD_ITEMS, cold_seed=3)
     whole.setup()
-    a, b = (r[str(folder)] for r in ranks)
+    return folder, whole, [r[str(folder)] for r in ranks]
+
+
+@pytest.mark.parametrize("layout", ["split", "sequences"])
+def test_two_ranks_read_disjoint_users_whose_rows_together_are_the_whole_data(folders, ranks, layout):
+    folder, whole, (a, b) = read_whole_and_ranks(folders, ranks, layout)
     (lo0, hi0), (lo1, hi1) = a["shard"]["user_idx"], b["shard"]["user_idx"]
     assert lo0 == 0 and hi0 == lo1 and hi1 == whole.num_users == a["num_users"] == b["num_users"]
     assert abs((hi0 - lo0) - (hi1 - lo1)) <= 1  # about half the users each
@@ -108,13 +113,10 @@ def test_two_ranks_read_disjoint_users_whose_rows_together_are_the_whole_data(fo
 
 @pytest.mark.parametrize("layout", ["split", "sequences"])
 def test_every_epoch_the_ranks_train_on_disjoint_windows_that_together_cover_the_data(folders, ranks, layout):
-    folder = folders[layout]
-    whole = SequenceDataModule(folder, max_seq_len=MAX_SEQ_LEN, cold_items=COLD_ITEMS, cold_seed=3)
-    whole.setup()
+    folder, whole, (a, b) = read_whole_and_ranks(folders, ranks, layout)
     data = TrainSequences(whole.train_sequences, MAX_SEQ_LEN)
     everything = Counter(zip(whole.user_index[data.sequence].tolist(), windows_of(data, range(len(data))), strict=True))
     assert max(everything.values()) == 1  # a (user, window) pair names one window
-    a, b = (r[str(folder)] for r in ranks)
     for epoch in range(EPOCHS):
         ea, eb = a["epochs"][epoch], b["epochs"][epoch]
         assert ea["batches"] == eb["batches"] and len(ea["windows"]) == len(eb["windows"])  # the same steps on both ranks
@@ -134,10 +136,7 @@ def test_every_epoch_the_ranks_train_on_disjoint_windows_that_together_cover_the
 
 @pytest.mark.parametrize("layout", ["split", "sequences"])
 def test_validation_users_are_sharded_alike_and_padded_to_the_same_batches(folders, ranks, layout):
-    folder = folders[layout]
-    whole = SequenceDataModule(folder, max_seq_len=MAX_SEQ_LEN, cold_items=COLD_ITEMS, cold_seed=3)
-    whole.setup()
-    a, b = (r[str(folder)] for r in ranks)
+    folder, whole, (a, b) = read_whole_and_ranks(folders, ranks, layout)
     assert a["val_batches"] == b["val_batches"] and len(a["val_users"]) == len(b["val_users"])
     lo1 = b["shard"]["user_idx"][0]
     assert all(u < lo1 for u in a["val_users"]) and all(u >= lo1 for u in b["val_users"])
