@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -26,12 +25,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one_rank(rank: int, port: int, folder: str, sharded: bool, out: str) -> None:
@@ -62,8 +55,13 @@ def one_rank(rank: int, port: int, folder: str, sharded: bool, out: str) -> None
     time.sleep(0.05)
     stop.set()
     thread.join()
-    rows = dm.shard["rows_read"] if sharded else len(dm.seen_train_sequences.values) + 2 * dm.num_users
-    line = {"rows_read": int(rows), "windows": windows, "setup_s": round(seconds, 2), "baseline_uss_mib": round(baseline, 1), "peak_uss_mib": round(peak[0], 1)}
+    line = {
+        "rows_read": dm.shard["rows_read"],
+        "windows": windows,
+        "setup_s": round(seconds, 2),
+        "baseline_uss_mib": round(baseline, 1),
+        "peak_uss_mib": round(peak[0], 1),
+    }
     Path(out, f"rank-{rank}.json").write_text(json.dumps(line | {"data_uss_mib": round(peak[0] - baseline, 1)}))
     dist.barrier()
     dist.destroy_process_group()
@@ -72,8 +70,10 @@ def one_rank(rank: int, port: int, folder: str, sharded: bool, out: str) -> None
 def run_ranks(folder: Path, sharded: bool) -> list[dict]:
     import torch.multiprocessing as mp
 
+    from jobs.runtime.config.ray_cluster import free_loopback_port
+
     out = Path(tempfile.mkdtemp(prefix="rank-shards-"))
-    mp.start_processes(one_rank, args=(free_port(), str(folder), sharded, str(out)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(one_rank, args=(free_loopback_port(), str(folder), sharded, str(out)), nprocs=2, join=True, start_method="spawn")
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from datamodules.leave_one_out import SPLITS, TEST, TRAIN, VALID, group_starts, positions_and_counts, split_codes
-from datamodules.preprocess import SEQUENCES
+from datamodules.preprocess import SEQUENCES, load_prepared
 from datamodules.ragged import Ragged, gc_paused
 
 
@@ -83,7 +82,7 @@ class RankShardSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(len(self.data)).numpy()
         order = np.resize(order, self.total)  # wraps around: a few windows twice on the ranks with fewer
-        users = np.unique(self.user_index[self.data.sequence[order]])
+        users = self.user_index[np.flatnonzero(np.bincount(self.data.sequence[order], minlength=len(self.user_index)))]  # sorted, O(windows)
         self.epochs.append(
             {"windows_local": len(self.data), "windows": len(order), "users": len(users), "first_user": int(users[0]), "last_user": int(users[-1])}
         )
@@ -218,7 +217,10 @@ class SequenceDataModule(pl.LightningDataModule):
         items = pq.read_table(self.data_dir / "items.parquet")
         lo, hi = 0, None
         if self.sharded:
-            total = json.loads((self.data_dir / "meta.json").read_text())["num_users"]
+            prepared = load_prepared(self.data_dir)
+            if prepared is None:
+                raise ValueError(f"{self.data_dir}: not a complete prepared dataset (meta.json or a data file is missing)")
+            total = prepared.num_users
             lo, hi = total * self.rank // self.world_size, total * (self.rank + 1) // self.world_size
             if hi == lo:
                 raise ValueError(f"data.shard_by_rank: {total} users for {self.world_size} workers leave rank {self.rank} none")

@@ -6,7 +6,6 @@ give what one process reading everything gives."""
 from __future__ import annotations
 
 import pickle
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -20,14 +19,9 @@ from datamodules.preprocess import prepare
 from datamodules.sequence_datamodule import SequenceDataModule, TrainSequences
 from datamodules.sharded_prepare import prepare_sharded
 from datamodules.synthetic import generate_synthetic
+from jobs.runtime.config.ray_cluster import free_loopback_port
 
 MAX_SEQ_LEN, COLD_ITEMS, EPOCHS = 4, 3, 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def windows_of(data: TrainSequences, rows) -> list[tuple[int, ...]]:
@@ -80,7 +74,7 @@ def folders(tmp_path_factory, shared_ray) -> dict[str, Path]:
 def ranks(folders, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("rank-results")
     names = [str(f) for f in folders.values()]
-    mp.start_processes(one_rank, args=(free_port(), names, str(out)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(one_rank, args=(free_loopback_port(), names, str(out)), nprocs=2, join=True, start_method="spawn")
     return [pickle.loads((out / f"rank-{r}.pkl").read_bytes()) for r in range(2)]
 
 
