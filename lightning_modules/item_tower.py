@@ -361,13 +361,37 @@ class ItemTower(nn.Module):
         encoder.train(was_training)
         return torch.cat(chunks)
 
+    @torch.no_grad()
+    def encode_catalog_text(self) -> torch.Tensor:
+        """The pooled encoder output of every item, [num_items, hidden], in chunks, on the
+        buffers' device: what a fully frozen tower caches."""
+        device = self.token_ids.device
+        all_idx = torch.arange(self.num_items, device=device)
+        return torch.cat([self.encode_text(c) for c in all_idx.split(self.chunk_size_on(device))])
+
+    @property
+    def frozen_text_cached(self) -> bool:
+        return self._text_cache is not None
+
+    def set_frozen_text(self, text: torch.Tensor) -> None:
+        """Use ``text`` ([num_items, hidden], as :meth:`encode_catalog_text` gives it, computed once
+        elsewhere, e.g. memory-mapped from a file) as the frozen encoder's cached output, so this
+        tower never runs its encoder over the catalog. Only for a fully frozen encoder."""
+        if self.encoder is None or not self.encoder_frozen or self.frozen_bottom:
+            raise ValueError("ItemTower.set_frozen_text: only a tower whose whole text encoder is frozen caches its text encodings")
+        hidden = self._text_encoder().config.hidden_size
+        if tuple(text.shape) != (self.num_items, hidden):
+            raise ValueError(f"ItemTower.set_frozen_text: expected [{self.num_items}, {hidden}] encodings, got {list(text.shape)}")
+        self._text_cache = text
+
     def _frozen_text(self, item_idx: torch.Tensor) -> torch.Tensor:
-        if self._text_cache is None or self._text_cache.device != item_idx.device:
-            with torch.no_grad():
-                all_idx = torch.arange(self.num_items, device=item_idx.device)
-                self._text_cache = torch.cat([self.encode_text(c) for c in all_idx.split(self.chunk_size_on(item_idx.device))])
+        if self._text_cache is None:
+            self._text_cache = self.encode_catalog_text().to(item_idx.device)
             log.info("item tower: cached frozen text encodings of %d items", self.num_items)
-        return self._text_cache[item_idx]
+        elif self._text_cache.device != item_idx.device:  # computed (or mapped) elsewhere: moved, not recomputed
+            self._text_cache = self._text_cache.to(item_idx.device)
+        dtype = self.text_proj.weight.dtype if self.text_proj is not None else self._text_cache.dtype
+        return self._text_cache[item_idx].to(dtype)
 
     def forward(self, item_idx: torch.Tensor, dropout: bool = True, encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Item vectors for any-shaped index tensor: [...] -> [..., dim].

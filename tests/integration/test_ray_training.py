@@ -4,6 +4,8 @@ consolidation into the model bundle, 1-vs-2-worker equivalence, and recovery fro
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,22 @@ def test_a_run_started_again_with_the_same_name_resumes(tiny_cfg):
     steps_second = [x["step"] for x in losses(Path(second.paths.output_dir), 0)]
     assert steps_second[0] > steps_first[-1] - 1  # continued after epoch 0, not from step 0
     assert metrics["train/epochs"] == 2
+
+
+def test_ray_workers_map_the_frozen_text_encodings_the_driver_wrote_and_never_encode(tiny_cfg, capfd):
+    cfg = tiny_cfg("pretrain", *RAY, "strategy=ddp", "hardware.num_workers=2", "pretrain.max_epochs=1", "model.item_tower.freeze_encoder=true")
+    run_stage_job(cfg, "pretrain")
+    (path,) = (Path(cfg.paths.data_dir) / "synthetic").glob("encodings/*/text.npy")
+    # the workers' own words, which Ray sends to this driver's stderr a little after the run (and
+    # deduplicates: the second worker's same line may come as "[repeated 1x across cluster]")
+    mapped = re.compile(rf"RayTrainWorker pid=\d+\S* item tower: frozen text encodings of \d+ items memory-mapped from {re.escape(str(path))}")
+    seen, deadline = "", time.monotonic() + 30
+    while time.monotonic() < deadline and not mapped.search(seen):
+        seen += capfd.readouterr().err
+        time.sleep(0.5)
+    time.sleep(2)  # a worker's later line, had it encoded, would come with or after it
+    seen += capfd.readouterr().err
+    assert mapped.search(seen), seen[-3000:]
+    worker_lines = [line for line in seen.splitlines() if "RayTrainWorker" in line and "item tower" in line]
+    # a worker that had not found the file would have said so ("encoding N item texts once") and cached its own
+    assert not [line for line in worker_lines if "texts once" in line or "cached frozen text encodings" in line], worker_lines

@@ -138,18 +138,28 @@ def sparse_ids_of(cfg: DictConfig, num_items: int) -> bool:
 def build_model(cfg: DictConfig, dm: SequenceDataModule) -> TwoTowerModel:
     """Both towers from ``cfg.model`` for the datamodule's catalog."""
     m, it, ut = cfg.model, cfg.model.item_tower, cfg.model.user_tower
-    encoder = token_ids = attention = None
+    token_ids = attention = None
     if it.use_text:
-        tokenizer = load_tokenizer(it.tokenizer)
-        encoder = build_bert_encoder(
-            it.pretrained, tokenizer.vocab_size, it.hidden_size, it.num_layers, it.num_heads, it.intermediate_size, it.dropout, m.attn_implementation
-        )
         if dm.data_dir is not None:  # tokenised once per prepared dataset
             token_ids, attention = catalog_tokens(dm.data_dir, it.tokenizer, it.max_text_tokens, dm.item_texts)
         else:  # a catalog not read from a prepared folder
-            token_ids, attention = tokenize_catalog(tokenizer, dm.item_texts, it.max_text_tokens)
-    item_tower = ItemTower(
-        dm.num_items,
+            token_ids, attention = tokenize_catalog(load_tokenizer(it.tokenizer), dm.item_texts, it.max_text_tokens)
+    item_tower = build_item_tower(cfg, dm.num_items, token_ids, attention)
+    if dm.cold_mask.any():
+        item_tower.set_cold_items(torch.as_tensor(dm.cold_mask))
+    gpt = build_gpt2(ut.n_layer, ut.n_head, ut.n_embd, max(cfg.data.max_seq_len, 8), ut.dropout, m.attn_implementation)
+    return TwoTowerModel(item_tower, UserTower(gpt, m.dim), temperature=m.temperature, normalize=m.normalize, dropout_targets=it.dropout_targets)
+
+
+def build_item_tower(cfg: DictConfig, num_items: int, token_ids: torch.Tensor | None, attention: torch.Tensor | None) -> ItemTower:
+    """The item tower of ``cfg.model`` for a catalog of ``num_items`` (its tokens given when it reads text)."""
+    m, it = cfg.model, cfg.model.item_tower
+    encoder = None
+    if it.use_text:
+        vocab = load_tokenizer(it.tokenizer).vocab_size
+        encoder = build_bert_encoder(it.pretrained, vocab, it.hidden_size, it.num_layers, it.num_heads, it.intermediate_size, it.dropout, m.attn_implementation)
+    return ItemTower(
+        num_items,
         m.dim,
         encoder,
         token_ids,
@@ -163,12 +173,8 @@ def build_model(cfg: DictConfig, dm: SequenceDataModule) -> TwoTowerModel:
         chunk_size=it.chunk_size,
         static_width=it.static_width,
         compile_encoder=it.compile,
-        sparse_ids=it.use_id_embedding and sparse_ids_of(cfg, dm.num_items),
+        sparse_ids=it.use_id_embedding and sparse_ids_of(cfg, num_items),
     )
-    if dm.cold_mask.any():
-        item_tower.set_cold_items(torch.as_tensor(dm.cold_mask))
-    gpt = build_gpt2(ut.n_layer, ut.n_head, ut.n_embd, max(cfg.data.max_seq_len, 8), ut.dropout, m.attn_implementation)
-    return TwoTowerModel(item_tower, UserTower(gpt, m.dim), temperature=m.temperature, normalize=m.normalize, dropout_targets=it.dropout_targets)
 
 
 def build_module(cfg: DictConfig, stage: str, model: TwoTowerModel, dm: SequenceDataModule) -> RetrievalModule:

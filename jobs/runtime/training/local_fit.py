@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from datamodules.sequence_datamodule import SequenceDataModule
 from inference.bundle import read_weights
 from jobs.runtime.config.assembly import build_datamodule, build_model, build_module, build_trainer, finish_wandb
+from jobs.runtime.config.text_encodings import install_frozen_text
 from jobs.runtime.training.bundle_export import export_bundle
 from jobs.runtime.training.callbacks import stage_callbacks
 from jobs.runtime.training.checkpoints import model_state_from_lightning
@@ -36,6 +37,8 @@ def build_stage(cfg: DictConfig, stage: str) -> tuple[SequenceDataModule, Retrie
     module = build_module(cfg, stage, model, dm)
     if stage == "finetune" and cfg.init_from:
         module.load_pretrained(read_weights(cfg.init_from), str(cfg.init_from))
+    # a fully frozen encoder's catalog encodings: memory-mapped from the prepared data (made once)
+    install_frozen_text(module.model.item_tower, dm.data_dir, cfg.model.item_tower.tokenizer, cfg.model.item_tower.max_text_tokens)
     return dm, module
 
 

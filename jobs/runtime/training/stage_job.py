@@ -42,8 +42,9 @@ def run_stage_job(cfg: DictConfig, stage: str) -> dict[str, float]:
         )
         if launcher != "local":  # once, here, rather than by every worker at once
             from jobs.runtime.config.assembly import prepare_data
+            from jobs.runtime.config.text_encodings import frozen_text_once
 
-            prepare_data(cfg)
+            frozen_text_once(cfg, stage, prepare_data(cfg).folder)
         say("%s: training %s; logs in %s", stage, where, run_dir / "run.log")
         monitor = cfg.trainer.monitor
         with StageProgress(run_dir, stage, cfg[stage].max_epochs, monitor, cfg.trainer.enable_progress_bar):
