@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.sequence_datamodule import SequenceDataModule
 from inference.bundle import Catalog, UserTable, save_bundle
 from jobs.runtime.config.run_folder import BUNDLE_DIR
+from jobs.runtime.config.text_encodings import install_frozen_text
 from lightning_modules.hf_backbones import load_tokenizer
 from lightning_modules.two_tower_model import TwoTowerModel
 
@@ -62,6 +63,8 @@ def export_bundle(
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"{stage}: the checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    it = cfg.model.item_tower
+    install_frozen_text(model.item_tower, dm.data_dir, it.tokenizer, it.max_text_tokens)  # the catalog's vectors from the mapped encodings
     tokenizer = load_tokenizer(cfg.model.item_tower.tokenizer) if model.item_tower.encoder is not None else None
     folder = save_bundle(
         Path(run_dir) / BUNDLE_DIR,
