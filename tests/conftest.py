@@ -65,8 +65,9 @@ def tiny_cfg(tmp_path: Path):
 # The longest groups of the suite (see docs/benchmarks.md, "Test suite"), started first under
 # pytest-xdist so that no long one is left to run last on one worker while the other idles.
 LONG_FIRST = (  # longest first, by the grouped durations of docs/benchmarks.md
-    "tests/integration/test_cluster_launch.py",
     "tests/integration/test_ray_training.py",
+    "tests/integration/test_cluster_launch.py",
+    "cluster-readme-recipe",
     "sweep-resume",
     "tests/integration/test_sweep.py",
     "tests/integration/test_ray_pipeline.py",

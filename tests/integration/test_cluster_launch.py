@@ -5,10 +5,7 @@ own ports and temp dir): the README's two-node recipe run as written (``ray job 
 killed worker with its checkpoints and outputs on the shared folder, and jobs that the
 cluster cannot place failing at once with the shortfall named.
 
-All of them run on the one cluster the recipe starts (the recipe's own commands, on free ports):
-its pipeline job first, then the placement checks and the killed-worker run beside what the
-recipe left, and last the recipe's own ``down``, which must stop exactly those nodes. The file
-stops only the nodes it started; the Ray token lives in its own folder."""
+Each test stops only the nodes it started; the Ray token lives in the test's own folder."""
 
 from __future__ import annotations
 
@@ -67,6 +64,44 @@ def cluster_folder():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def start_two_nodes(folder: Path, env: dict) -> str:
+    port = free_port()
+    up = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "local_cluster.py"),
+            "up",
+            "--nodes",
+            "2",
+            "--cpus-per-node",
+            "2",
+            "--port",
+            str(port),
+            "--dashboard-port",
+            str(free_port()),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert up.returncode == 0, up.stdout + up.stderr
+    return f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def cluster_dir():
+    with cluster_folder() as (folder, env):
+        yield folder, env
+
+
+@pytest.fixture(scope="module")
+def two_nodes_shared():
+    """One cluster for the placement checks (they never start a worker), then the killed-worker run."""
+    with cluster_folder() as (folder, env):
+        yield folder, env, start_two_nodes(folder, env)
+
+
 def readme_recipe() -> list[str]:
     """The commands of the README's two-node recipe, one per entry (continuation lines joined)."""
     text = README.read_text()
@@ -113,40 +148,25 @@ def head_node(env: dict, address: str) -> str:
     return next(n["node_id"] for n in nodes if n["is_head_node"])
 
 
-class Recipe:
-    """The README recipe's cluster, after its commands up to ``down`` ran here (on free ports)."""
+@pytest.mark.xdist_group("cluster-readme-recipe")  # its own cluster: may run beside the others
+def test_the_readmes_two_node_recipe_runs_as_written(cluster_dir):
+    folder, env = cluster_dir
+    port, dashboard = free_port(), free_port()
+    commands = readme_recipe()
+    assert commands[0].startswith(". .venv/bin/activate") and commands[-1] == "python scripts/local_cluster.py down"
 
-    def __init__(self, folder: Path, env: dict) -> None:
-        self.folder, self.env = folder, env
-        self.port, self.dashboard = free_port(), free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.commands = readme_recipe()
-
-    def as_run_here(self, command: str) -> str:  # the same commands, on free ports, in this file's folder
+    def as_run_here(command: str) -> str:  # the same commands, on free ports, in this test's folder
         return (
             command.replace(". .venv/bin/activate", f". {BIN}/activate")
-            .replace("--port 6391", f"--port {self.port}")
-            .replace("127.0.0.1:6391", f"127.0.0.1:{self.port}")
-            .replace("8265", str(self.dashboard))
-            .replace("/tmp/towerrec-cluster", str(self.folder))
+            .replace("--port 6391", f"--port {port}")
+            .replace("127.0.0.1:6391", f"127.0.0.1:{port}")
+            .replace("8265", str(dashboard))
+            .replace("/tmp/towerrec-cluster", str(folder))
         )
 
-
-@pytest.fixture(scope="module")
-def recipe():
-    """The README's two-node recipe run as written, but for its last command (``down``): the
-    cluster it started stays up for the other tests of this file, and the last test runs ``down``."""
-    with cluster_folder() as (folder, env):
-        r = Recipe(folder, env)
-        assert r.commands[0].startswith(". .venv/bin/activate") and r.commands[-1] == "python scripts/local_cluster.py down"
-        script = "set -euo pipefail\n" + "\n".join(r.as_run_here(c) for c in r.commands[:-1])
-        r.started = time.time()
-        r.proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        yield r
-
-
-def test_the_readmes_two_node_recipe_runs_as_written(recipe):
-    folder, env, dashboard, started, proc = recipe.folder, recipe.env, recipe.dashboard, recipe.started, recipe.proc
+    script = "set -euo pipefail\n" + "\n".join(as_run_here(c) for c in commands[:-1])
+    started = time.time()
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "Job 'towerrec-tiny-1' succeeded" in out
@@ -191,12 +211,20 @@ def test_the_readmes_two_node_recipe_runs_as_written(recipe):
     assert (folder / "shared" / "data" / "synthetic").is_dir()
 
     # the two training workers of each stage ran on the two nodes
-    workers = train_workers(env, recipe.address)
+    address = f"127.0.0.1:{port}"
+    workers = train_workers(env, address)
     assert len({w["node_id"] for w in workers}) == 2, [(w["node_id"][:8], w["pid"]) for w in workers]
     # nothing was written through a current folder: not in the job's working-dir copy, not in the checkout
     for copy in folder.glob("node*/session_*/runtime_resources/working_dir_files/*"):
         assert not (copy / "outputs").exists() and not (copy / "data").exists(), copy
     assert not [p for p in (ROOT / "outputs" / "pipeline").glob("*/*") if p.stat().st_mtime > started]
+
+    # the recipe's last command stops exactly the nodes it started
+    pids = json.loads((folder / "cluster.json").read_text())["pids"]
+    assert len(nodes_alive(pids)) == 2
+    down = subprocess.run(["bash", "-c", as_run_here(commands[-1])], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert nodes_alive(pids) == [] and not (folder / "cluster.json").exists()
 
 
 def stage_command(address: str, shared: Path, *overrides: str) -> list[str]:
@@ -224,30 +252,26 @@ def stage_command(address: str, shared: Path, *overrides: str) -> list[str]:
     ],
     ids=["no-gpu", "too-few-cpus", "unwritable-storage"],
 )
-def test_a_job_the_cluster_cannot_place_fails_at_once_naming_the_shortfall(recipe, overrides, shortfall):
-    # the recipe's cluster, its job finished: what it left (its placement groups, its Train actors) is the baseline
-    env, address = recipe.env, recipe.address
-    shared = recipe.folder / "shared-placement"
+def test_a_job_the_cluster_cannot_place_fails_at_once_naming_the_shortfall(two_nodes_shared, overrides, shortfall):
+    folder, env, address = two_nodes_shared
+    shared = folder / "shared"
     drivers_before = drivers(env, address)
-    groups_before = {g["placement_group_id"] for g in ray_list(env, address, "placement-groups")}
-    train_actors_before = {a["actor_id"] for a in ray_list(env, address, "actors") if "Train" in a["class_name"]}
-    proc = subprocess.run(stage_command(address, shared, *overrides), cwd=recipe.folder, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(stage_command(address, shared, *overrides), cwd=folder, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert error and shortfall in error[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr  # the message, not a stack (that is in run.log)
     # refused at once: the job joined the cluster, and asked it for nothing (no placement group, no Train actor)
     assert len(drivers(env, address)) == len(drivers_before) + 1
-    assert {g["placement_group_id"] for g in ray_list(env, address, "placement-groups")} == groups_before
-    assert {a["actor_id"] for a in ray_list(env, address, "actors") if "Train" in a["class_name"]} == train_actors_before
+    assert ray_list(env, address, "placement-groups") == []
+    assert [a["class_name"] for a in ray_list(env, address, "actors") if "Train" in a["class_name"]] == []
     assert not (shared / "ray").exists() or not any((shared / "ray").rglob("checkpoint_*"))
 
 
-def test_two_workers_on_two_nodes_survive_a_killed_worker_with_outputs_on_shared_storage(recipe):
-    # the recipe's cluster (its job and the placement checks done); its own shared folder, and only its own workers counted
-    folder, env, address = recipe.folder, recipe.env, recipe.address
+def test_two_workers_on_two_nodes_survive_a_killed_worker_with_outputs_on_shared_storage(two_nodes_shared):
+    # the placement checks' cluster (they ran before it and started no worker); its own shared folder
+    folder, env, address = two_nodes_shared
     shared, elsewhere = folder / "shared-killed", folder / "cwd"
-    earlier = {w["actor_id"] for w in train_workers(env, address)}
     elsewhere.mkdir()
     cmd = stage_command(
         address,
@@ -271,7 +295,7 @@ def test_two_workers_on_two_nodes_survive_a_killed_worker_with_outputs_on_shared
             assert time.monotonic() < deadline, "no checkpoint after 300 s"
             time.sleep(0.5)
         head = head_node(env, address)
-        alive = [w for w in train_workers(env, address) if w["state"] == "ALIVE" and w["actor_id"] not in earlier]
+        alive = [w for w in train_workers(env, address) if w["state"] == "ALIVE"]
         assert len({w["node_id"] for w in alive}) == 2, alive  # one worker on each node
         victim = next(w for w in alive if w["node_id"] != head)
         os.kill(victim["pid"], signal.SIGKILL)
@@ -288,7 +312,7 @@ def test_two_workers_on_two_nodes_survive_a_killed_worker_with_outputs_on_shared
     restart = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), None)
     assert restart is not None and steps[restart] > 1, f"not restarted, or restarted from scratch: {steps}"
     # after the restart the new worker group runs on both nodes again
-    workers = [w for w in train_workers(env, address) if w["actor_id"] not in earlier]
+    workers = train_workers(env, address)
     assert sum(w["state"] == "DEAD" for w in workers) >= 2 and len({w["node_id"] for w in workers}) == 2
     # the consolidated model and the metrics are in the run folder on the shared storage
     assert (run / "bundle" / "model.safetensors").is_file() and (run / "bundle" / "manifest.json").is_file()
@@ -296,12 +320,3 @@ def test_two_workers_on_two_nodes_survive_a_killed_worker_with_outputs_on_shared
     assert metrics["train/epochs"] == 4 and metrics["val/ndcg@10"] > 0
     assert list((shared / "ray" / "two-nodes").glob("checkpoint_*"))
     assert not any(elsewhere.iterdir())  # nothing through the job's current folder
-
-
-def test_the_readmes_last_command_stops_exactly_the_nodes_it_started(recipe):
-    # last in this file: the recipe's `down`, on the cluster every test above ran on
-    pids = json.loads((recipe.folder / "cluster.json").read_text())["pids"]
-    assert len(nodes_alive(pids)) == 2
-    down = subprocess.run(["bash", "-c", recipe.as_run_here(recipe.commands[-1])], cwd=ROOT, env=recipe.env, capture_output=True, text=True, timeout=120)
-    assert down.returncode == 0, down.stdout + down.stderr
-    assert nodes_alive(pids) == [] and not (recipe.folder / "cluster.json").exists()
