@@ -7,8 +7,9 @@ For each catalog size: synthetic items prepared and tokenised once, then
   frozen) and runs the encoder over the catalog, as every worker did;
 - ``write``: the driver's step (:func:`frozen_text_once`), once;
 - ``map``: two fresh processes at once build the same tower and map the file, touch every row,
-  and report the time and, from ``/proc/self/smaps``, the file mapping's resident, private and
-  proportional (PSS) bytes: shared pages count half in each.
+  and report the time and, from ``/proc/self/smaps`` once both have mapped it (a barrier of
+  files), the file mapping's resident, private and proportional (PSS) bytes: shared pages count
+  half in each.
 The two ways run in the same invocation; ratios are of the same run.
 
     python bench/frozen_text.py --items 20000 50000
@@ -66,20 +67,28 @@ def mapping_kib(path: str) -> dict[str, int]:
     return out
 
 
+def barrier(root: Path, name: str, n: int, timeout: float) -> None:
+    """Wait (up to ``timeout`` s) until ``n`` processes have reached this point (a file each)."""
+    import os
+
+    (root / f"{name}-{os.getpid()}").touch()
+    deadline = time.monotonic() + timeout
+    while len(list(root.glob(f"{name}-*"))) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench/frozen_text.py: the other mapper did not reach '{name}' in {timeout:.0f} s")
+        time.sleep(0.05)
+
+
 def worker(root: str, items: int, mode: str, hold: float) -> None:
     """One process: build the tower as a training worker does, then get the catalog's encodings."""
     import torch
 
-    from jobs.runtime.config.assembly import build_item_tower
-    from jobs.runtime.config.catalog_tokens import catalog_tokens
-    from jobs.runtime.config.text_encodings import frozen_text_once, install_frozen_text
+    from jobs.runtime.config.text_encodings import catalog_item_tower, frozen_text_once, install_frozen_text
 
     cfg = config(root, items)
     it = cfg.model.item_tower
     data_dir = Path(root) / "data" / "synthetic"
-    torch.manual_seed(cfg.seed)
-    ids, mask = catalog_tokens(data_dir, it.tokenizer, it.max_text_tokens)
-    tower = build_item_tower(cfg, ids.shape[0], ids, mask)
+    tower = catalog_item_tower(cfg, "pretrain", data_dir)
     start = time.perf_counter()
     line: dict = {"mode": mode, "items": items}
     if mode == "encode":
@@ -94,8 +103,9 @@ def worker(root: str, items: int, mode: str, hold: float) -> None:
         line.update({f"map_{k}_kib": v for k, v in mapping_kib(str(path)).items()})
         line["file_kib"] = path.stat().st_size // 1024
         line["seconds"] = time.perf_counter() - start
-        time.sleep(hold)  # both mappers alive at once when smaps is read
+        barrier(Path(root), "mapped", 2, hold)  # both mappers have mapped and touched the file
         line.update({f"map_{k}_kib_both": v for k, v in mapping_kib(str(path)).items()})
+        barrier(Path(root), "read", 2, hold)  # neither exits before the other has read its smaps
     line.setdefault("seconds", time.perf_counter() - start)
     print(json.dumps(line), flush=True)
 
@@ -131,7 +141,7 @@ def main() -> None:
             prepare_data(config(root, items))  # the items and their tokens, once
             encode = result(spawn(root, items, "encode"))
             write = result(spawn(root, items, "write"))
-            mappers = [spawn(root, items, "map", hold=5.0) for _ in range(2)]
+            mappers = [spawn(root, items, "map", hold=120.0) for _ in range(2)]
             mapped = [result(p) for p in mappers]
             row = {"items": items, "encode_s": encode["seconds"], "write_s": write["seconds"], "map_s": [m["seconds"] for m in mapped], "mappers": mapped}
             row["ratio_encode_to_map"] = encode["seconds"] / max(m["seconds"] for m in mapped)

@@ -373,11 +373,16 @@ class ItemTower(nn.Module):
     def frozen_text_cached(self) -> bool:
         return self._text_cache is not None
 
+    @property
+    def caches_frozen_text(self) -> bool:
+        """Whether the whole text encoder is frozen, so its catalog output is computed once and cached."""
+        return self.encoder is not None and self.encoder_frozen and not self.frozen_bottom
+
     def set_frozen_text(self, text: torch.Tensor) -> None:
         """Use ``text`` ([num_items, hidden], as :meth:`encode_catalog_text` gives it, computed once
         elsewhere, e.g. memory-mapped from a file) as the frozen encoder's cached output, so this
         tower never runs its encoder over the catalog. Only for a fully frozen encoder."""
-        if self.encoder is None or not self.encoder_frozen or self.frozen_bottom:
+        if not self.caches_frozen_text:
             raise ValueError("ItemTower.set_frozen_text: only a tower whose whole text encoder is frozen caches its text encodings")
         hidden = self._text_encoder().config.hidden_size
         if tuple(text.shape) != (self.num_items, hidden):

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig
 
@@ -61,7 +60,7 @@ def install_frozen_text(tower: ItemTower, data_dir: str | Path | None, tokenizer
     """Give a fully frozen ``tower`` its catalog encodings from ``data_dir``'s file, computing
     and writing the file first if it is missing; returns the file, or None (and changes nothing)
     when the tower has no fully frozen encoder or no prepared folder."""
-    if data_dir is None or tower.encoder is None or not tower.encoder_frozen or tower.frozen_bottom:
+    if data_dir is None or not tower.caches_frozen_text:
         return None
     path = encodings_path(Path(data_dir), tokenizer, max_tokens, tower)
     if not path.is_file():
@@ -81,24 +80,29 @@ def install_frozen_text(tower: ItemTower, data_dir: str | Path | None, tokenizer
     return path
 
 
-def frozen_text_once(cfg: DictConfig, stage: str, data_dir: Path) -> Path | None:
-    """On a Ray job's driver, before the workers start: the stage's item tower built alone (the
-    catalog, not the users), given the encoder weights of ``init_from`` when fine-tuning, and its
-    encodings file made (:func:`install_frozen_text`). None when the config has no fully frozen
-    encoder. The workers build the same tower (same seed and weights) and find the file."""
-    if not frozen_text_wanted(cfg):
-        return None
+def catalog_item_tower(cfg: DictConfig, stage: str, data_dir: Path) -> ItemTower:
+    """The stage's item tower built alone, as a worker builds it (same seed), from the prepared
+    catalog's tokens (not the users), with the encoder weights of ``init_from`` when fine-tuning."""
     from inference.bundle import read_weights
     from jobs.runtime.config.assembly import build_item_tower
 
     it = cfg.model.item_tower
-    texts = pq.read_table(data_dir / "items.parquet", columns=["text"])["text"].to_pylist()
     torch.manual_seed(cfg.seed)  # as the workers' seed_everything: a randomly initialised encoder matches theirs
-    token_ids, attention = catalog_tokens(data_dir, it.tokenizer, it.max_text_tokens, texts)
-    tower = build_item_tower(cfg, len(texts), token_ids, attention)
+    token_ids, attention = catalog_tokens(data_dir, it.tokenizer, it.max_text_tokens)
+    tower = build_item_tower(cfg, token_ids.shape[0], token_ids, attention)
     if stage == "finetune" and cfg.init_from:
         prefix = "item_tower.encoder."
         weights = {k[len(prefix) :]: v for k, v in read_weights(cfg.init_from).items() if k.startswith(prefix)}
         assert tower.encoder is not None
         tower.encoder.load_state_dict(weights)
-    return install_frozen_text(tower, data_dir, it.tokenizer, it.max_text_tokens)
+    return tower
+
+
+def frozen_text_once(cfg: DictConfig, stage: str, data_dir: Path) -> Path | None:
+    """On a Ray job's driver, before the workers start: the encodings file of the stage's item
+    tower (:func:`catalog_item_tower`) made (:func:`install_frozen_text`). None when the config
+    has no fully frozen encoder. The workers build the same tower (same seed and weights) and find the file."""
+    if not frozen_text_wanted(cfg):
+        return None
+    it = cfg.model.item_tower
+    return install_frozen_text(catalog_item_tower(cfg, stage, data_dir), data_dir, it.tokenizer, it.max_text_tokens)

@@ -64,8 +64,9 @@ def export_bundle(
     if missing or unexpected:
         raise RuntimeError(f"{stage}: the checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     it = cfg.model.item_tower
-    install_frozen_text(model.item_tower, dm.data_dir, it.tokenizer, it.max_text_tokens)  # the catalog's vectors from the mapped encodings
-    tokenizer = load_tokenizer(cfg.model.item_tower.tokenizer) if model.item_tower.encoder is not None else None
+    if not model.item_tower.frozen_text_cached:  # a tower built for the export (a Ray run's driver): the mapped encodings
+        install_frozen_text(model.item_tower, dm.data_dir, it.tokenizer, it.max_text_tokens)
+    tokenizer = load_tokenizer(it.tokenizer) if model.item_tower.encoder is not None else None
     folder = save_bundle(
         Path(run_dir) / BUNDLE_DIR,
         model,
