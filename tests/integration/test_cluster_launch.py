@@ -288,16 +288,22 @@ def test_two_workers_on_two_nodes_survive_a_killed_worker_with_outputs_on_shared
     )
     job = subprocess.Popen(cmd, cwd=elsewhere, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        # once the first epoch's checkpoint is on the shared storage, kill the worker on the other node
-        deadline = time.monotonic() + 300
-        while not list((shared / "ray" / "two-nodes").glob("checkpoint_*")):
-            assert job.poll() is None, job.stdout.read()[-4000:]
-            assert time.monotonic() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.5)
+        # once Ray has registered the first epoch's checkpoint on the shared storage, kill the worker on
+        # the other node. Ray writes its snapshot of the registered checkpoints after the checkpoint's
+        # folder: a kill between the two restarted the run from scratch. The victim is found while the
+        # first epoch runs, so the kill lands at once (asking Ray's state API takes seconds when loaded).
         head = head_node(env, address)
-        alive = [w for w in train_workers(env, address) if w["state"] == "ALIVE"]
-        assert len({w["node_id"] for w in alive}) == 2, alive  # one worker on each node
+        deadline = time.monotonic() + 300
+        alive: list[dict] = []
+        while len({w["node_id"] for w in alive}) < 2:  # one worker on each node
+            assert job.poll() is None, job.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, f"not one Train worker on each node after 300 s: {alive}"
+            alive = [w for w in train_workers(env, address) if w["state"] == "ALIVE"]
         victim = next(w for w in alive if w["node_id"] != head)
+        while not (shared / "ray" / "two-nodes" / "checkpoint_manager_snapshot.json").is_file():
+            assert job.poll() is None, job.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "no registered checkpoint after 300 s"
+            time.sleep(0.2)
         os.kill(victim["pid"], signal.SIGKILL)
         out, _ = job.communicate(timeout=600)
     finally:
@@ -313,6 +319,7 @@ def test_two_workers_on_two_nodes_survive_a_killed_worker_with_outputs_on_shared
     assert restart is not None and steps[restart] > 1, f"not restarted, or restarted from scratch: {steps}"
     # after the restart the new worker group runs on both nodes again
     workers = train_workers(env, address)
+    assert victim["pid"] in [w["pid"] for w in workers if w["state"] == "DEAD"]
     assert sum(w["state"] == "DEAD" for w in workers) >= 2 and len({w["node_id"] for w in workers}) == 2
     # the consolidated model and the metrics are in the run folder on the shared storage
     assert (run / "bundle" / "model.safetensors").is_file() and (run / "bundle" / "manifest.json").is_file()
