@@ -165,6 +165,77 @@ def _user_range(lo: int, hi: int) -> list[tuple[str, str, int]]:
     return [("user_idx", ">=", lo), ("user_idx", "<", hi)]
 
 
+def read_items(data_dir: Path) -> tuple[int, np.ndarray, list, list, list]:
+    """The catalog of a prepared dataset: its size, item ids, texts, titles and category lists
+    (one Python object per item, none per interaction)."""
+    items = pq.read_table(Path(data_dir) / "items.parquet")
+    with gc_paused():
+        texts = items["text"].to_pylist()
+        titles = items["title"].to_pylist() if "title" in items.column_names else list(texts)
+        return items.num_rows, items["item_id"].to_numpy(), texts, titles, items["categories"].to_pylist()
+
+
+def read_users(data_dir: Path, lo: int = 0, hi: int | None = None) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray, np.ndarray]:
+    """Users lo <= user_idx < hi (all with ``hi`` None) of a prepared dataset, either layout: their
+    raw ids and, ordered by user and position, each row's user_idx and item_idx and each user's
+    offsets (a user's rows are its whole history: train..., valid, test)."""
+    data_dir = Path(data_dir)
+    if (data_dir / SEQUENCES).is_dir():  # prepared by data.engine=ray
+        return SequenceDataModule._read_sequences(data_dir / SEQUENCES, lo, hi)
+    users = data_dir / "users.parquet"
+    user_ids = pq.read_table(users, columns=["user_id"], filters=_user_range(lo, hi) if hi is not None else None)["user_id"]
+    user_col, item_col, offsets = SequenceDataModule._read_split(data_dir / "split.parquet", lo, hi)
+    return user_ids, user_col, item_col, offsets
+
+
+def pick_cold_items(test_counts: np.ndarray, cold_items: int, seed: int) -> np.ndarray:
+    """Boolean mask of ``cold_items`` items drawn (seeded) among those some user holds out as its
+    test item (``test_counts`` > 0, a vector over the catalog)."""
+    mask = np.zeros(len(test_counts), dtype=bool)
+    candidates = np.flatnonzero(test_counts)
+    if cold_items > len(candidates):
+        raise ValueError(f"data.cold_start.num_items={cold_items}: only {len(candidates)} distinct test items to hold out")
+    mask[np.random.default_rng(seed).choice(candidates, size=cold_items, replace=False)] = True
+    return mask
+
+
+class CatalogView:
+    """What a driver needs of a prepared dataset to build the model and write its bundle, without
+    holding its users: the catalog, the items' training counts and the cold-start mask, each a
+    vector over the catalog, computed by reading the users ``piece_users`` at a time (the values
+    :class:`SequenceDataModule` computes holding them all). :meth:`user_pieces` reads them again,
+    piece by piece, for whoever writes them out."""
+
+    PIECE_USERS = 4 * 65_536
+
+    def __init__(self, data_dir: str | Path, cold_items: int = 0, cold_seed: int = 0, piece_users: int = PIECE_USERS):
+        self.data_dir = Path(data_dir)
+        prepared = load_prepared(self.data_dir)
+        if prepared is None:
+            raise ValueError(f"{self.data_dir}: not a complete prepared dataset (meta.json or a data file is missing)")
+        self.num_users, self.piece_users = prepared.num_users, piece_users
+        self.num_items, self.item_ids, self.item_texts, self.item_titles, self.item_categories = read_items(self.data_dir)
+        self.cold_mask = np.zeros(self.num_items, dtype=bool)
+        if cold_items:
+            tests = np.zeros(self.num_items, dtype=np.int64)
+            for _, offsets, items in self.user_pieces():
+                tests += np.bincount(items[offsets[1:] - 1], minlength=self.num_items)
+            self.cold_mask = pick_cold_items(tests, cold_items, cold_seed)
+        counts = np.zeros(self.num_items, dtype=np.int64)
+        for _, offsets, items in self.user_pieces():
+            train = np.ones(len(items), dtype=bool)
+            train[offsets[1:] - 1] = train[offsets[1:] - 2] = False
+            counts += np.bincount(items[train], minlength=self.num_items)
+        counts[self.cold_mask] = 0  # cold items never reach training
+        self.item_train_counts = counts.astype(np.float64)
+
+    def user_pieces(self) -> Iterator[tuple[pa.ChunkedArray, np.ndarray, np.ndarray]]:
+        """The users in order, ``piece_users`` at a time: raw ids, offsets and item indices (whole histories)."""
+        for lo in range(0, self.num_users, self.piece_users):
+            user_ids, _, items, offsets = read_users(self.data_dir, lo, min(lo + self.piece_users, self.num_users))
+            yield user_ids, offsets, items
+
+
 class SequenceDataModule(pl.LightningDataModule):
     """Serves training windows and valid/test full-ranking batches from ``split.parquet``.
 
@@ -213,8 +284,6 @@ class SequenceDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._loaded:
             return
-        # one Python object per item and per user (ids, texts, category lists), none per interaction
-        items = pq.read_table(self.data_dir / "items.parquet")
         lo, hi = 0, None
         if self.sharded:
             prepared = load_prepared(self.data_dir)
@@ -224,22 +293,13 @@ class SequenceDataModule(pl.LightningDataModule):
             lo, hi = total * self.rank // self.world_size, total * (self.rank + 1) // self.world_size
             if hi == lo:
                 raise ValueError(f"data.shard_by_rank: {total} users for {self.world_size} workers leave rank {self.rank} none")
-        if (self.data_dir / SEQUENCES).is_dir():  # prepared by data.engine=ray
-            user_ids, user_col, item_col, offsets = self._read_sequences(self.data_dir / SEQUENCES, lo, hi)
-        else:
-            users = self.data_dir / "users.parquet"
-            user_ids = pq.read_table(users, columns=["user_id"], filters=_user_range(lo, hi) if hi is not None else None)["user_id"]
-            user_col, item_col, offsets = self._read_split(self.data_dir / "split.parquet", lo, hi)
-        self.num_items = items.num_rows
+        user_ids, user_col, item_col, offsets = read_users(self.data_dir, lo, hi)
         self.num_users = total if self.sharded else len(user_ids)
         self.first_user = lo  # user_ids[i] is the raw id of user_idx first_user + i
         self.shard = {"rank": self.rank, "world_size": self.world_size, "user_idx": [lo, lo + len(user_ids)], "rows_read": len(item_col)}
+        self.num_items, self.item_ids, self.item_texts, self.item_titles, self.item_categories = read_items(self.data_dir)
         with gc_paused():
-            self.item_ids = items["item_id"].to_numpy()
             self.user_ids = user_ids.to_numpy()
-            self.item_texts = items["text"].to_pylist()
-            self.item_titles = items["title"].to_pylist() if "title" in items.column_names else list(self.item_texts)
-            self.item_categories = items["categories"].to_pylist()
         self.user_index = user_col[offsets[:-1]]
         self.valid_targets = item_col[offsets[1:] - 2]
         self.test_targets = item_col[offsets[1:] - 1]
@@ -320,14 +380,10 @@ class SequenceDataModule(pl.LightningDataModule):
     def _pick_cold_items(self) -> np.ndarray:
         """Boolean mask of the items held out of all training: ``cold_items`` items drawn
         (seeded) among the test items, so that each is some user's test target."""
-        mask = np.zeros(self.num_items, dtype=bool)
-        if self.cold_items:  # the distinct test items of all users (of every rank's, when sharded)
-            candidates = np.flatnonzero(self._global(np.bincount(self.test_targets, minlength=self.num_items)))
-            if self.cold_items > len(candidates):
-                raise ValueError(f"data.cold_start.num_items={self.cold_items}: only {len(candidates)} distinct test items to hold out")
-            rng = np.random.default_rng(self.cold_seed)
-            mask[rng.choice(candidates, size=self.cold_items, replace=False)] = True
-        return mask
+        if not self.cold_items:
+            return np.zeros(self.num_items, dtype=bool)
+        # the distinct test items of all users (of every rank's, when sharded)
+        return pick_cold_items(self._global(np.bincount(self.test_targets, minlength=self.num_items)), self.cold_items, self.cold_seed)
 
     def history(self, split: str, seen: bool = False) -> Ragged:
         """Each user's history before the held-out item of ``split`` ('valid' or 'test'): the

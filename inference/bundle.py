@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,40 @@ def _catalog_table(catalog: Catalog) -> pa.Table:
     return pa.table(columns)
 
 
+@dataclass
+class UserPieces:
+    """Known users to be written piece by piece, so that no process holds them all: ``pieces()``
+    yields (raw ids, offsets, item indices) for consecutive users in user index order, each
+    user's items its whole history (oldest first)."""
+
+    num_users: int
+    pieces: Callable[[], Iterable[tuple[Any, np.ndarray, np.ndarray]]]
+
+
+USERS_SCHEMA = pa.schema([("user_idx", pa.int64()), ("user_id", pa.string()), ("history", pa.large_list(pa.int64()))])
+
+
+def _write_users(users: UserTable | UserPieces, path: Path) -> int:
+    """Write users.parquet in row groups of USERS_ROW_GROUP users; returns the number of users."""
+    if isinstance(users, UserTable):
+        pq.write_table(_users_table(users), path, row_group_size=USERS_ROW_GROUP)
+        return len(users.user_ids)
+    written = 0
+    with pq.ParquetWriter(path, USERS_SCHEMA) as writer:
+        for ids, offsets, items in users.pieces():
+            ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else pa.array(ids)
+            n = len(offsets) - 1
+            if len(ids) != n:
+                raise ValueError(f"{path}: a piece of users has {len(ids)} ids and {n} histories")
+            history = pa.LargeListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int64)), pa.array(np.asarray(items, dtype=np.int64)))
+            piece = pa.table([pa.array(np.arange(written, written + n, dtype=np.int64)), ids.cast(pa.string()), history], schema=USERS_SCHEMA)
+            writer.write_table(piece, row_group_size=USERS_ROW_GROUP)
+            written += n
+    if written != users.num_users:
+        raise ValueError(f"{path}: {written} users written, {users.num_users} expected")
+    return written
+
+
 def _users_table(users: UserTable) -> pa.Table:
     return pa.table(
         {
@@ -186,7 +221,7 @@ def save_bundle(
     folder: str | Path,
     model: TwoTowerModel,
     catalog: Catalog,
-    users: UserTable,
+    users: UserTable | UserPieces,
     config: dict[str, Any],
     *,
     max_seq_len: int,
@@ -219,7 +254,7 @@ def save_bundle(
         (tmp / CONFIG).write_text(json.dumps(config, indent=1, default=str) + "\n")
         pq.write_table(_catalog_table(catalog), tmp / CATALOG)
         # row groups of 64k users: a batch job reading one piece of users reads little more than it
-        pq.write_table(_users_table(users), tmp / USERS, row_group_size=USERS_ROW_GROUP)
+        num_users = _write_users(users, tmp / USERS)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER))
         files = {}
@@ -234,7 +269,7 @@ def save_bundle(
             "parent": parent,
             "lineage": lineage or {},
             "num_items": catalog.num_items,
-            "num_users": len(users.user_ids),
+            "num_users": num_users,
             "dim": model.item_tower.dim,
             "inputs": {"max_seq_len": int(max_seq_len)},
             "metrics": {k: float(v) for k, v in (metrics or {}).items()},

@@ -135,3 +135,24 @@ def test_validation_users_are_sharded_alike_and_padded_to_the_same_batches(folde
     lo1 = b["shard"]["user_idx"][0]
     assert all(u < lo1 for u in a["val_users"]) and all(u >= lo1 for u in b["val_users"])
     assert set(a["val_users"]) | set(b["val_users"]) == set(whole.user_index.tolist())
+
+
+@pytest.mark.parametrize("layout", ["split", "sequences"])
+def test_a_drivers_catalog_view_gives_the_datamodules_counts_cold_items_and_users_written_piece_by_piece(folders, layout, tmp_path):
+    from datamodules.sequence_datamodule import CatalogView
+    from inference.bundle import UserPieces, UserTable, _write_users
+    from jobs.runtime.training.bundle_export import full_histories
+
+    dm = SequenceDataModule(folders[layout], max_seq_len=MAX_SEQ_LEN, cold_items=COLD_ITEMS, cold_seed=3)
+    dm.setup()
+    view = CatalogView(folders[layout], cold_items=COLD_ITEMS, cold_seed=3, piece_users=7)  # 90 users: 13 pieces
+    assert dm.cold_mask.sum() == COLD_ITEMS
+    np.testing.assert_array_equal(view.cold_mask, dm.cold_mask)
+    np.testing.assert_array_equal(view.item_train_counts, dm.item_train_counts)
+    assert (view.num_items, view.num_users) == (dm.num_items, dm.num_users)
+    assert list(view.item_ids) == list(dm.item_ids) and view.item_texts == dm.item_texts and view.item_categories == dm.item_categories
+    assert len(list(view.user_pieces())) == 13
+    whole, pieces = tmp_path / "whole.parquet", tmp_path / "pieces.parquet"
+    _write_users(UserTable(np.asarray(dm.raw_user_ids(), dtype=object), full_histories(dm)), whole)
+    assert _write_users(UserPieces(view.num_users, view.user_pieces), pieces) == 90
+    assert pq.read_table(pieces).equals(pq.read_table(whole))

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.parquet_dataset import ParquetFolder
 from datamodules.preprocess import PreparedDataset, load_prepared, prepare
 from datamodules.raw_dataset import RawDataset
-from datamodules.sequence_datamodule import SequenceDataModule
+from datamodules.sequence_datamodule import CatalogView, SequenceDataModule
 from jobs.runtime.config.catalog_tokens import catalog_tokens, ensure_tokens
 from jobs.runtime.tracking.console import say
 from lightning_modules.hf_backbones import build_bert_encoder, build_gpt2, load_tokenizer
@@ -123,6 +123,12 @@ def build_datamodule(cfg: DictConfig) -> SequenceDataModule:
     return dm
 
 
+def build_catalog_view(cfg: DictConfig) -> CatalogView:
+    """What a Ray run's driver needs to build the model and write the bundle: the catalog and
+    catalog-sized vectors, the users read piece by piece (never held at once)."""
+    return CatalogView(prepare_data(cfg).folder, cold_items=cfg.data.cold_start.num_items, cold_seed=cfg.data.cold_start.seed)
+
+
 def _value(x):
     return x.value if hasattr(x, "value") else x
 
@@ -135,8 +141,8 @@ def sparse_ids_of(cfg: DictConfig, num_items: int) -> bool:
     return bool(choice)
 
 
-def build_model(cfg: DictConfig, dm: SequenceDataModule) -> TwoTowerModel:
-    """Both towers from ``cfg.model`` for the datamodule's catalog."""
+def build_model(cfg: DictConfig, dm: SequenceDataModule | CatalogView) -> TwoTowerModel:
+    """Both towers from ``cfg.model`` for the datamodule's (or catalog view's) catalog."""
     m, it, ut = cfg.model, cfg.model.item_tower, cfg.model.user_tower
     token_ids = attention = None
     if it.use_text:

@@ -1,6 +1,6 @@
 """A finished training stage -> its model bundle (inference/bundle.py): the model with the weights
-of the best epoch, the catalog and users as the datamodule holds them, the tokenizer files and
-the resolved config."""
+of the best epoch, the catalog and users as the datamodule holds them (or, on a Ray run's driver,
+as a catalog view reads them piece by piece), the tokenizer files and the resolved config."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.sequence_datamodule import SequenceDataModule
-from inference.bundle import Catalog, UserTable, save_bundle
+from datamodules.sequence_datamodule import CatalogView, SequenceDataModule
+from inference.bundle import Catalog, UserPieces, UserTable, save_bundle
 from jobs.runtime.config.run_folder import BUNDLE_DIR
 from jobs.runtime.config.text_encodings import install_frozen_text
 from lightning_modules.hf_backbones import load_tokenizer
@@ -27,7 +27,7 @@ def full_histories(dm: SequenceDataModule) -> list[np.ndarray]:
     return [np.append(h, t).astype(np.int64) for h, t in zip(dm.history("test", seen=True), dm.test_targets)]
 
 
-def catalog_of(dm: SequenceDataModule, model: TwoTowerModel) -> Catalog:
+def catalog_of(dm: SequenceDataModule | CatalogView, model: TwoTowerModel) -> Catalog:
     """The datamodule's items with the item tower's own token ids."""
     tower = model.item_tower
     tokens = mask = None
@@ -45,14 +45,17 @@ def catalog_of(dm: SequenceDataModule, model: TwoTowerModel) -> Catalog:
     )
 
 
-def users_of(dm: SequenceDataModule) -> UserTable:
+def users_of(dm: SequenceDataModule | CatalogView) -> UserTable | UserPieces:
+    """The datamodule's users; a driver's catalog view gives them piece by piece, read again from the prepared data."""
+    if isinstance(dm, CatalogView):
+        return UserPieces(dm.num_users, dm.user_pieces)
     return UserTable(np.asarray(dm.raw_user_ids(), dtype=object), full_histories(dm))
 
 
 def export_bundle(
     run_dir: Path,
     cfg: DictConfig,
-    dm: SequenceDataModule,
+    dm: SequenceDataModule | CatalogView,
     model: TwoTowerModel,
     state: dict[str, torch.Tensor],
     stage: str,

@@ -93,15 +93,16 @@ def apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
 
 def consolidate(checkpoint, run_dir: Path, cfg: DictConfig, stage: str, metrics: dict[str, float], lineage: dict) -> int:
     """Write a reported Ray checkpoint as the stage's model bundle (built here, on the driver,
-    with the stage's own datamodule); returns the checkpoint's epoch."""
-    from jobs.runtime.config.assembly import build_datamodule, build_model
+    from a catalog view: the users are read and written piece by piece, so the driver's memory
+    does not grow with them); returns the checkpoint's epoch."""
+    from jobs.runtime.config.assembly import build_catalog_view, build_model
     from jobs.runtime.training.bundle_export import export_bundle
     from jobs.runtime.training.callbacks import EpochReport
     from jobs.runtime.training.checkpoints import model_state_from_lightning
 
     with checkpoint.as_directory() as folder:
         state, epoch = model_state_from_lightning(Path(folder) / EpochReport.CHECKPOINT_NAME)
-    dm = build_datamodule(cfg)
+    dm = build_catalog_view(cfg)
     model = build_model(cfg, dm)
     export_bundle(
         run_dir, cfg, dm, model, state, stage, metrics | {"train/best_epoch": float(epoch)}, lineage | {"best_epoch": epoch, "source": checkpoint.path}
