@@ -8,6 +8,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -167,3 +168,35 @@ def test_ray_workers_map_the_frozen_text_encodings_the_driver_wrote_and_never_en
     worker_lines = [line for line in seen.splitlines() if "RayTrainWorker" in line and "item tower" in line]
     # a worker that had not found the file would have said so ("encoding N item texts once") and cached its own
     assert not [line for line in worker_lines if "texts once" in line or "cached frozen text encodings" in line], worker_lines
+
+
+def test_a_large_catalogs_frozen_text_is_encoded_by_ray_actors_in_pieces_into_the_file_the_driver_would_write(tiny_cfg, monkeypatch):
+    from jobs.runtime.config import text_encodings
+    from jobs.runtime.config.assembly import build_datamodule
+    from lightning_modules.item_tower import ItemTower
+
+    cfg = tiny_cfg("pretrain", *RAY, "hardware.num_workers=2", "model.item_tower.freeze_encoder=true")
+    data_dir = Path(build_datamodule(cfg).data_dir)
+    it = cfg.model.item_tower
+    tower = text_encodings.catalog_item_tower(cfg, "pretrain", data_dir)
+    expected = tower.encode_catalog_text().numpy()  # what the driver's own pass writes
+    path = text_encodings.encodings_path(data_dir, it.tokenizer, it.max_text_tokens, tower)
+    monkeypatch.setattr(text_encodings, "PIECE_ITEMS", 16)  # pieces of 16 items over the 2 actors
+    assert tower.num_items > 2 * 16
+
+    def no_driver_pass(self):
+        raise AssertionError("the driver ran the encoder over the catalog")
+
+    monkeypatch.setattr(ItemTower, "encode_catalog_text", no_driver_pass)  # the actors are other processes
+    assert text_encodings.frozen_text_once(cfg, "pretrain", data_dir, ray_pass_items=1) == path
+    np.testing.assert_allclose(np.load(path), expected, atol=1e-6)
+    assert not list(path.parent.glob("*.partial-*"))  # the private file was renamed into place
+
+    path.unlink()
+    rows = text_encodings.encode_on_ray(cfg, "pretrain", data_dir, path, tower.num_items, expected.shape[1])
+    assert sum(rows.values()) == tower.num_items and all(len(node) == 56 for node in rows)  # every row, by Ray node id
+    np.testing.assert_allclose(np.load(path), expected, atol=1e-6)
+    # an actor whose tower would not give the driver's key (other weights, other tokens) refuses to write
+    with pytest.raises(Exception, match="not the driver's"):
+        text_encodings.encode_on_ray(cfg, "pretrain", data_dir, path.with_name("elsewhere.npy"), tower.num_items, expected.shape[1])
+    assert not list(path.parent.glob("*.partial-*")) and not path.with_name("elsewhere.npy").exists()

@@ -98,11 +98,97 @@ def catalog_item_tower(cfg: DictConfig, stage: str, data_dir: Path) -> ItemTower
     return tower
 
 
-def frozen_text_once(cfg: DictConfig, stage: str, data_dir: Path) -> Path | None:
+RAY_PASS_ITEMS = 200_000  # from this many items the driver's pass runs on Ray actors (below: one process, quicker than starting them)
+PIECE_ITEMS = 65_536  # items per piece handed to an encoding actor
+
+
+def frozen_text_once(cfg: DictConfig, stage: str, data_dir: Path, ray_pass_items: int = RAY_PASS_ITEMS) -> Path | None:
     """On a Ray job's driver, before the workers start: the encodings file of the stage's item
     tower (:func:`catalog_item_tower`) made (:func:`install_frozen_text`). None when the config
-    has no fully frozen encoder. The workers build the same tower (same seed and weights) and find the file."""
+    has no fully frozen encoder. The workers build the same tower (same seed and weights) and find the file.
+    A catalog of ``ray_pass_items`` items or more is encoded by a Ray Data actor pool across the
+    cluster's nodes (:func:`encode_on_ray`) instead of by this process."""
     if not frozen_text_wanted(cfg):
         return None
     it = cfg.model.item_tower
-    return install_frozen_text(catalog_item_tower(cfg, stage, data_dir), data_dir, it.tokenizer, it.max_text_tokens)
+    tower = catalog_item_tower(cfg, stage, data_dir)
+    path = encodings_path(Path(data_dir), it.tokenizer, it.max_text_tokens, tower)
+    if not path.is_file() and tower.num_items >= ray_pass_items:
+        from jobs.runtime.config.ray_cluster import ray_session, train_needs
+
+        with ray_session(cfg, train_needs(cfg)):  # fails at once, naming the shortfall, where the workers' resources are missing
+            encode_on_ray(cfg, stage, Path(data_dir), path, tower.num_items, tower._text_encoder().config.hidden_size)
+    return install_frozen_text(tower, data_dir, it.tokenizer, it.max_text_tokens)
+
+
+class TextEncodingPart:
+    """Ray Data actor: the stage's item tower built as the driver builds it (its key checked against
+    the driver's, so the weights are the same), then per piece of item rows: their pooled encodings
+    written into the shared file's rows (a memory-mapped ``.npy`` every actor opens read-write)."""
+
+    def __init__(self, cfg: DictConfig, stage: str, data_dir: str, expected: str, writing: str, device: str):
+        torch.set_grad_enabled(False)
+        it = cfg.model.item_tower
+        self.tower = catalog_item_tower(cfg, stage, Path(data_dir))
+        got = encodings_path(Path(data_dir), it.tokenizer, it.max_text_tokens, self.tower)
+        if str(got) != expected:
+            raise RuntimeError(f"an encoding actor built an item tower whose encodings belong in {got}, not the driver's {expected}")
+        self.tower.to(device)
+        self.device = torch.device(device)
+        self.out = np.load(writing, mmap_mode="r+")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start, stop = int(batch["start"][0]), int(batch["stop"][0])
+        rows = torch.arange(start, stop, device=self.device)
+        text = torch.cat([self.tower.encode_text(c) for c in rows.split(self.tower.chunk_size_on(self.device))])
+        self.out[start:stop] = text.cpu().float().numpy()
+        self.out.flush()
+        import ray
+
+        return {"rows": np.array([stop - start]), "node_id": np.array([ray.get_runtime_context().get_node_id()])}
+
+
+def encode_on_ray(cfg: DictConfig, stage: str, data_dir: Path, path: Path, num_items: int, hidden: int) -> dict[str, int]:
+    """Write ``path`` (the catalog's frozen text encodings, [num_items, hidden] float32) with a pool
+    of ``hardware.num_workers`` Ray Data actors of the training workers' resources (free until the
+    training starts), each encoding pieces of item rows into the one file on ``data_dir``'s storage,
+    created here under a private name and renamed into place once every row is written. Runs
+    inside a Ray session; returns the rows written per node."""
+    import ray
+
+    hw = cfg.hardware
+    start = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writing = path.with_name(f"{FILE}.partial-{os.getpid()}.npy")
+    np.lib.format.open_memmap(writing, mode="w+", dtype=np.float32, shape=(num_items, hidden)).flush()
+    pieces = [{"start": a, "stop": min(a + PIECE_ITEMS, num_items)} for a in range(0, num_items, PIECE_ITEMS)]
+    gpu = hw.accelerator == "gpu"
+    say("item tower: encoding %d item texts once on %d Ray actors (%d pieces)", num_items, min(hw.num_workers, len(pieces)), len(pieces))
+    try:
+        out = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
+            TextEncodingPart,
+            fn_constructor_kwargs={
+                "cfg": cfg,
+                "stage": stage,
+                "data_dir": str(data_dir),
+                "expected": str(path),
+                "writing": str(writing),
+                "device": "cuda" if gpu else "cpu",
+            },
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(hw.num_workers, len(pieces))),
+            num_cpus=hw.cpus_per_worker,
+            num_gpus=1 if gpu else 0,
+            batch_format="numpy",
+        )
+        got = out.take_all()
+        by_node: dict[str, int] = {}
+        for r in got:
+            by_node[str(r["node_id"])] = by_node.get(str(r["node_id"]), 0) + int(r["rows"])
+        if sum(by_node.values()) != num_items or len(got) != len(pieces):
+            raise RuntimeError(f"{path}: the encoding actors wrote {sum(by_node.values())} of {num_items} rows")
+        os.replace(writing, path)
+    finally:
+        writing.unlink(missing_ok=True)
+    log.info("item tower: %d item texts encoded on Ray into %s (%.1f s; rows per node %s)", num_items, path, time.perf_counter() - start, by_node)
+    return by_node
