@@ -13,6 +13,10 @@ Stages (each size measured in a fresh process, so each peak RSS is that size's o
 - ``infer`` (bench/scale_infer.py): batch inference for 100 k and 1 M users over 100 k and 1 M
   items, in process and through Ray Data with 1 and 2 actors.
 - ``index`` (bench/scale_index.py): FAISS exact against IVF, HNSW and IVF-PQ at 100 k and 1 M items.
+- ``cluster`` (bench/scale_cluster.py): the sharded path on a real two-node Ray cluster on this
+  machine at 5 M, 20 M and 100 M interactions (1 M items): preparation on Ray Data, one training
+  epoch on 2 workers (one per node), sharded batch inference; the peak USS and PSS of every
+  process by role, the rows each node handled, and the slope of USS against size.
 
 For every (stage, step) measured at two sizes or more it fits the slope of log(seconds) and of
 log(peak RSS) against log(size) and compares it with the slope the step should have (1 for work
@@ -41,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scale_common import say  # noqa: E402
 
-STAGES = ("data", "train", "infer", "index")
+STAGES = ("data", "train", "infer", "index", "cluster")
 BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
 # the slope a step should have against its size; steps not named here should grow linearly
 EXPECTED_SLOPE = {("train", "step_1_worker"): 0.0, ("train", "step_2_workers"): 0.0}
@@ -143,10 +147,15 @@ def markdown(rows: list[dict], fitted: list[dict], runs: dict, out: str) -> str:
     lines += ["", "### Measurements", "", "| stage | step | size | seconds | peak RSS MiB | also |", "|---|---|---|---|---|---|"]
     skip = {"stage", "step", "size", "unit", "seconds", "peak_rss_mb", "growth"}
     for r in rows:
-        if "setting" in r:
-            continue  # the index's settings have their own table
+        if "setting" in r or r["stage"] == "cluster":
+            continue  # the index's settings and the cluster's roles have their own tables
         also = ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in r.items() if k not in skip)
         lines.append(f"| {r['stage']} | {r['step']} | {r['size']:,} {r['unit']} | {_fmt(r['seconds'])} | {r['peak_rss_mb']:,.0f} | {also} |")
+    cluster_rows = [r for r in rows if r["stage"] == "cluster"]
+    if cluster_rows:
+        import scale_cluster
+
+        lines += ["", "### Cluster: memory per process and role", "", scale_cluster.table(cluster_rows)]
     index_rows = [r for r in rows if r["stage"] == "index" and not r.get("growth", True)]
     if index_rows:
         import scale_index

@@ -83,6 +83,8 @@ def node_command(i: int, args: argparse.Namespace, temp_dir: Path, taken: set[in
         f"--max-worker-port={low + 999}",
         f"--resources={json.dumps({f'local_node_{i}': 1})}",
     ]
+    if args.object_store_memory:
+        cmd.append(f"--object-store-memory={args.object_store_memory}")
     if i == 0:
         cmd += [
             "--head",
@@ -199,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpus-per-node", type=int, default=2)
     parser.add_argument("--port", type=int, default=6391, help="the head's GCS port")
     parser.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job server")
+    parser.add_argument("--object-store-memory", type=int, default=None, help="bytes of object store per node (default: Ray's share of memory)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for nodes to come up or stop")
     args = parser.parse_args(argv)
     if args.nodes < 1 or args.cpus_per_node < 1:

@@ -1,4 +1,5 @@
-"""bench/scale.py's growth fit, its report section and a quick run of two stages."""
+"""bench/scale.py's growth fit, its report section and a quick run of two stages; the cluster
+stage's process roles and its USS slopes against the issue's bounds."""
 
 from __future__ import annotations
 
@@ -60,3 +61,19 @@ def test_a_quick_run_of_the_data_and_index_stages_writes_rows_slopes_and_a_plot(
     assert (out / "scale_growth.png").stat().st_size > 10_000
     assert "### Growth" in proc.stdout
     assert (ROOT / "docs" / "benchmarks.md").read_text() == docs_before  # quick figures never reach docs/
+
+
+def test_the_cluster_stage_names_processes_by_their_ray_title_and_checks_uss_slopes_against_the_bounds():
+    import scale_cluster as sc
+
+    assert sc.role_of("ray::RayTrainWorker.__execute") == "train_worker"
+    assert sc.role_of("ray::MapWorker(MapBatches(UserPart)).submit") == "user_actor"
+    assert sc.role_of("ray::ReadParquet->MapBatches(tag_bucket)") == "data_task"
+    assert sc.role_of("ray::IDLE") == "idle_worker"
+    assert sc.role_of("/x/raylet --node_id=1") == "ray_system"
+    uss = {"train/driver": lambda n: 500.0, "train/train_worker": lambda n: 600 + n / 1e5}  # flat; and 600 -> 1600 MiB
+    rows = [row("cluster", step, n, "interactions", 1.0, f(n), uss_mb=f(n), pss_mb=f(n)) for step, f in uss.items() for n in (5e6, 2e7, 1e8)]
+    fitted = {s["step"]: s for s in sc.uss_slopes(rows)}
+    assert fitted["train/driver"]["uss_slope"] == pytest.approx(0.0, abs=1e-9) and fitted["train/driver"]["within"]
+    assert fitted["train/train_worker"]["bound"] == 0.15 and not fitted["train/train_worker"]["within"]
+    assert "| train/train_worker | 5,000,000, 20,000,000, 100,000,000 |" in sc.table(rows)

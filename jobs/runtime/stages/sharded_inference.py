@@ -50,6 +50,7 @@ INDEX_DIR = "index"
 INDEX_FILE = "items.faiss"
 TEXT_FILE = "text.npy"
 TEXT_PARTS = ".text-parts"  # under INDEX_DIR while the catalog stage runs; removed once text.npy is whole
+SHARDS_DIR = "shards"  # per actor: the pieces of users it wrote, with its node (users-<pid>.jsonl)
 
 
 def pieces(n: int, num_actors: int, piece_rows: int = PIECE_ROWS) -> list[tuple[int, int]]:
@@ -198,6 +199,18 @@ class UserPart:
             raise BundleError(self.bundle / USERS, f"row {start + int(np.argmin(counts))} has an empty history; it cannot be embedded")
         return user_ids, SeenItems(offsets, values)
 
+    def _record(self, start: int, stop: int) -> None:
+        """One line per piece in ``<run>/shards/users-<pid>.jsonl``: which node and process wrote which users."""
+        import json
+
+        import ray
+
+        folder = self.run_dir / SHARDS_DIR
+        folder.mkdir(exist_ok=True)
+        line = {"start": start, "stop": stop, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        with open(folder / f"users-{os.getpid()}.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         start, stop = _piece(batch)
@@ -213,6 +226,7 @@ class UserPart:
         emb = pa.table({"user_id": user_ids, "embedding": vector_column(vectors)})
         _write_atomic(self.run_dir / USER_EMBEDDINGS / part_name(start), lambda p: pq.write_table(emb, p))
         lengths = (ids >= 0).sum(axis=1)
+        self._record(start, stop)
         return {
             "rows": np.array([stop - start]),
             "listed": np.array([int(lengths.sum())]),
