@@ -283,27 +283,27 @@ def test_two_workers_on_two_nodes_survive_a_killed_worker_with_outputs_on_shared
         "data.batch_size=32",
         "trainer.max_failures=1",
         "debug.record_losses=true",
+        "debug.hold_at_step=20",
         "run_name=two-nodes",
         "strategy.collective_timeout_s=120",
     )
     job = subprocess.Popen(cmd, cwd=elsewhere, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        # once Ray has registered the first epoch's checkpoint on the shared storage, kill the worker on
-        # the other node. Ray writes its snapshot of the registered checkpoints after the checkpoint's
-        # folder: a kill between the two restarted the run from scratch. The victim is found while the
-        # first epoch runs, so the kill lands at once (asking Ray's state API takes seconds when loaded).
+        # every rank waits at step 20 (the second epoch: the first epoch's checkpoint is registered),
+        # so the kill lands mid-run however loaded the machine is; then kill the worker on the other node
         head = head_node(env, address)
         deadline = time.monotonic() + 300
-        alive: list[dict] = []
-        while len({w["node_id"] for w in alive}) < 2:  # one worker on each node
+        held = shared / "root" / "outputs" / "pretrain"
+        while not list(held.glob("*/*/debug/held-rank1")) or not list(held.glob("*/*/debug/held-rank0")):
             assert job.poll() is None, job.stdout.read()[-4000:]
-            assert time.monotonic() < deadline, f"not one Train worker on each node after 300 s: {alive}"
-            alive = [w for w in train_workers(env, address) if w["state"] == "ALIVE"]
-        victim = next(w for w in alive if w["node_id"] != head)
-        while not (shared / "ray" / "two-nodes" / "checkpoint_manager_snapshot.json").is_file():
-            assert job.poll() is None, job.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "no rank held at step 20 after 300 s"
+            time.sleep(0.2)
+        while not (shared / "ray" / "two-nodes" / "checkpoint_manager_snapshot.json").is_file():  # Ray registered epoch 1's
             assert time.monotonic() < deadline, "no registered checkpoint after 300 s"
             time.sleep(0.2)
+        alive = [w for w in train_workers(env, address) if w["state"] == "ALIVE"]
+        assert len({w["node_id"] for w in alive}) == 2, alive  # one worker on each node
+        victim = next(w for w in alive if w["node_id"] != head)
         os.kill(victim["pid"], signal.SIGKILL)
         out, _ = job.communicate(timeout=600)
     finally:

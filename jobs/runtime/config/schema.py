@@ -222,6 +222,7 @@ class Launcher(str, Enum):
 class DebugConfig:
     fail_at_step: int | None = None  # kill one worker at this global step (first attempt only)
     fail_rank: int = 1
+    hold_at_step: int | None = None  # every rank waits up to 300 s at this global step (first attempt only), for a test to kill a worker mid-run
     record_losses: bool = False  # each rank writes its step losses to <run>/debug/losses-rank<r>.jsonl
     record_scores: bool = False  # rank 0 saves each epoch's first validation batch and its scores
     record_step_times: bool = False  # each rank writes its step and validation times to <run>/debug/step_times-rank<r>.json

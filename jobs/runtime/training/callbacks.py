@@ -34,6 +34,22 @@ class FailAtStep(Callback):
             os._exit(17)
 
 
+class HoldAtStep(Callback):
+    """Fault tests: every rank waits at a global step (first attempt only: a marker per rank in the
+    run folder) for at most ``seconds``, so that a test can kill a worker mid-run, not after it ended."""
+
+    def __init__(self, step: int, folder: Path, seconds: float = 300.0):
+        self.step, self.folder, self.seconds = step, folder, seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        marker = self.folder / f"held-rank{trainer.global_rank}"
+        if trainer.global_step == self.step and not marker.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"pid {os.getpid()} held at step {self.step}\n")
+            log.warning("debug.hold_at_step: rank %d waits at step %d for up to %.0f s", trainer.global_rank, self.step, self.seconds)
+            time.sleep(self.seconds)
+
+
 class LossRecorder(Callback):
     """Debugging: every rank appends (step, loss) to <run>/debug/losses-rank<r>.jsonl."""
 
@@ -176,6 +192,8 @@ def stage_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
         callbacks.append(EMAWeightAveraging(decay=cfg.trainer.ema_decay, use_buffers=False))
     if cfg.debug.fail_at_step is not None:
         callbacks.append(FailAtStep(cfg.debug.fail_at_step, cfg.debug.fail_rank, run_dir / "debug" / "fault_injected"))
+    if cfg.debug.hold_at_step is not None:
+        callbacks.append(HoldAtStep(cfg.debug.hold_at_step, run_dir / "debug"))
     if cfg.debug.record_losses:
         callbacks.append(LossRecorder(run_dir / "debug"))
     if cfg.debug.record_scores:
