@@ -215,17 +215,13 @@ class CatalogView:
             raise ValueError(f"{self.data_dir}: not a complete prepared dataset (meta.json or a data file is missing)")
         self.num_users, self.piece_users = prepared.num_users, piece_users
         self.num_items, self.item_ids, self.item_texts, self.item_titles, self.item_categories = read_items(self.data_dir)
-        self.cold_mask = np.zeros(self.num_items, dtype=bool)
-        if cold_items:
-            tests = np.zeros(self.num_items, dtype=np.int64)
-            for _, offsets, items in self.user_pieces():
-                tests += np.bincount(items[offsets[1:] - 1], minlength=self.num_items)
-            self.cold_mask = pick_cold_items(tests, cold_items, cold_seed)
-        counts = np.zeros(self.num_items, dtype=np.int64)
-        for _, offsets, items in self.user_pieces():
+        counts, tests = np.zeros(self.num_items, dtype=np.int64), np.zeros(self.num_items, dtype=np.int64)
+        for _, offsets, items in self.user_pieces():  # one pass: the training counts and the test items
             train = np.ones(len(items), dtype=bool)
             train[offsets[1:] - 1] = train[offsets[1:] - 2] = False
             counts += np.bincount(items[train], minlength=self.num_items)
+            tests += np.bincount(items[offsets[1:] - 1], minlength=self.num_items)
+        self.cold_mask = pick_cold_items(tests, cold_items, cold_seed) if cold_items else np.zeros(self.num_items, dtype=bool)
         counts[self.cold_mask] = 0  # cold items never reach training
         self.item_train_counts = counts.astype(np.float64)
 

@@ -362,12 +362,12 @@ class ItemTower(nn.Module):
         return torch.cat(chunks)
 
     @torch.no_grad()
-    def encode_catalog_text(self) -> torch.Tensor:
-        """The pooled encoder output of every item, [num_items, hidden], in chunks, on the
-        buffers' device: what a fully frozen tower caches."""
+    def encode_catalog_text(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The pooled encoder output of items ``start..stop-1`` (every item by default),
+        [rows, hidden], in chunks, on the buffers' device: what a fully frozen tower caches."""
         device = self.token_ids.device
-        all_idx = torch.arange(self.num_items, device=device)
-        return torch.cat([self.encode_text(c) for c in all_idx.split(self.chunk_size_on(device))])
+        rows = torch.arange(start, self.num_items if stop is None else stop, device=device)
+        return torch.cat([self.encode_text(c) for c in rows.split(self.chunk_size_on(device))])
 
     @property
     def frozen_text_cached(self) -> bool:

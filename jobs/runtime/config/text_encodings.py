@@ -134,14 +134,11 @@ class TextEncodingPart:
         if str(got) != expected:
             raise RuntimeError(f"an encoding actor built an item tower whose encodings belong in {got}, not the driver's {expected}")
         self.tower.to(device)
-        self.device = torch.device(device)
         self.out = np.load(writing, mmap_mode="r+")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start, stop = int(batch["start"][0]), int(batch["stop"][0])
-        rows = torch.arange(start, stop, device=self.device)
-        text = torch.cat([self.tower.encode_text(c) for c in rows.split(self.tower.chunk_size_on(self.device))])
-        self.out[start:stop] = text.cpu().float().numpy()
+        self.out[start:stop] = self.tower.encode_catalog_text(start, stop).cpu().float().numpy()
         self.out.flush()
         import ray
 
