@@ -133,3 +133,47 @@ def test_cold_start_items_never_reach_training_but_stay_seen(tmp_path):
     assert warm["targets"].tolist() == [4] and warm["users"].tolist() == [1]
     with pytest.raises(ValueError, match="only 2 distinct test items"):
         SequenceDataModule(tmp_path, cold_items=3).setup()
+
+
+def _sequences_file(path, users: list[tuple[int, list[int]]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table(
+            {
+                "user_idx": pa.array([u for u, _ in users], pa.int64()),
+                "user_id": pa.array([f"u{u}" for u, _ in users]),
+                "item_idx": pa.array([h for _, h in users], pa.list_(pa.int64())),
+                "valid_position": pa.array([len(h) - 2 for _, h in users], pa.int64()),
+                "test_position": pa.array([len(h) - 1 for _, h in users], pa.int64()),
+            }
+        ),
+        path,
+    )
+
+
+def test_read_users_orders_the_users_of_sequence_files_listed_out_of_user_order(tmp_path):
+    from datamodules.sequence_datamodule import SEQUENCES, read_users
+
+    folder = tmp_path / SEQUENCES
+    folder.mkdir()
+    _sequences_file(folder / "a.parquet", [(2, [5, 6, 7]), (3, [8, 9, 1, 2])])  # read first, holds the later users
+    _sequences_file(folder / "b.parquet", [(0, [1, 2, 3]), (1, [4, 4, 5])])
+    ids, users, items, offsets = read_users(tmp_path)
+    assert ids.to_pylist() == ["u0", "u1", "u2", "u3"]
+    assert offsets.tolist() == [0, 3, 6, 9, 13]
+    assert items.tolist() == [1, 2, 3, 4, 4, 5, 5, 6, 7, 8, 9, 1, 2]
+    assert users.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 4
+    ids, users, items, offsets = read_users(tmp_path, 1, 3)  # a range across both files
+    assert ids.to_pylist() == ["u1", "u2"] and items.tolist() == [4, 4, 5, 5, 6, 7] and offsets.tolist() == [0, 3, 6]
+
+
+def test_read_users_names_the_first_user_missing_from_the_sequence_files(tmp_path):
+    from datamodules.sequence_datamodule import SEQUENCES, read_users
+
+    folder = tmp_path / SEQUENCES
+    folder.mkdir()
+    _sequences_file(folder / "a.parquet", [(0, [1, 2, 3]), (2, [5, 6, 7])])
+    with pytest.raises(ValueError, match="field 'user_idx' is not 0..1 \\(user_idx 2\\)"):
+        read_users(tmp_path)
