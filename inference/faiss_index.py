@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
 import faiss
@@ -47,54 +48,115 @@ def build_index(
     """An inner-product index over ``vectors`` [N, d]; row i gets id i.
 
     ``flat``: exact (IndexFlatIP). ``ivf``: IndexIVFFlat with ``nlist`` lists (capped to N), ``nprobe``
-    probed per query. ``ivfpq``: :func:`build_ivfpq`. ``hnsw``: IndexHNSWFlat by inner product with ``hnsw_m`` links per node and
+    probed per query. ``ivfpq``: IVF with 4-bit product-quantized codes and exact re-ranking (see
+    :func:`trained_index`). ``hnsw``: IndexHNSWFlat by inner product with ``hnsw_m`` links per node and
     ``ef_search`` (graph built at faiss's default efConstruction 40: on vectors shaped like a
     trained model's, larger values and the reduction to Euclidean search both measured lower recall).
+    The IVF kinds are trained on the rows :func:`training_rows` picks. The same index, built in
+    shards that are added in parallel, is :func:`trained_index` + :func:`open_shards`.
     """
-    kind = str(getattr(kind, "value", kind))
+    x = _checked(vectors)
+    rows = training_rows(len(x), kind, nlist)
+    index = trained_index(x if rows is None else x[rows], kind, len(x), nlist, nprobe, hnsw_m, ef_search, pq_m, refine_factor)
+    index.add(x)
+    return index
+
+
+def _checked(vectors: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"item vectors must be a non-empty [num_items, dim] matrix, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError("item vectors contain NaN or inf; the model produced broken embeddings")
-    n, d = x.shape
+    return x
+
+
+def _lists(kind: str, num_items: int, nlist: int) -> int:
+    if kind == "ivfpq":
+        return max(1, min(nlist, num_items // 39))  # k-means wants about 39 points per list
+    return min(nlist, num_items)
+
+
+def training_rows(num_items: int, kind: str, nlist: int = 64) -> np.ndarray | None:
+    """The catalog rows an index of ``kind`` over ``num_items`` items is trained on, sorted: every
+    row up to 64 per list, else 64 per list drawn with a fixed seed (so a sharded build, which
+    reads only these rows, trains the index the whole-catalog build trains); None for the kinds
+    that train on nothing (flat, hnsw)."""
+    kind = str(getattr(kind, "value", kind))
+    if kind not in ("ivf", "ivfpq"):
+        return None
+    lists = _lists(kind, num_items, nlist)
+    if num_items <= 64 * lists:
+        return np.arange(num_items)
+    return np.sort(np.random.default_rng(0).choice(num_items, 64 * lists, replace=False))
+
+
+def trained_index(
+    sample: np.ndarray,
+    kind: str,
+    num_items: int,
+    nlist: int = 64,
+    nprobe: int = 8,
+    hnsw_m: int = 32,
+    ef_search: int = 128,
+    pq_m: int | None = None,
+    refine_factor: int = 8,
+) -> faiss.Index:
+    """An empty inner-product index of ``kind`` for a catalog of ``num_items`` items, trained on
+    ``sample`` (the vectors of :func:`training_rows`; for flat and hnsw only their dimension is
+    used). Items are then added to it, or to copies of it, one per shard (:func:`open_shards`).
+
+    ``ivfpq``: IVF over ``nlist`` lists with 4-bit product-quantized codes scanned by SIMD
+    (fast-scan), and the ``refine_factor`` x k best candidates re-ranked by their exact inner
+    product, so the scores returned are exact. ``pq_m`` sub-quantizers (null: one per 2 dimensions)."""
+    kind = str(getattr(kind, "value", kind))
+    x = _checked(sample)
+    d = x.shape[1]
     if kind == "flat":
-        index: faiss.Index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        lists = min(nlist, n)
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
-        index.nprobe = min(nprobe, lists)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = ef_search
-    elif kind == "ivfpq":
-        return build_ivfpq(x, nlist, nprobe, pq_m, refine_factor)
-    else:
+        return faiss.IndexFlatIP(d)
+    if kind == "hnsw":
+        hnsw = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efSearch = ef_search
+        return hnsw
+    if kind not in ("ivf", "ivfpq"):
         raise ValueError(f"build_index: kind must be one of {INDEX_KINDS}, got {kind!r}")
-    index.add(x)
-    return index
-
-
-def build_ivfpq(x: np.ndarray, nlist: int, nprobe: int, pq_m: int | None, refine_factor: int) -> faiss.Index:
-    """IVF over ``nlist`` lists with 4-bit product-quantized codes scanned by SIMD (fast-scan),
-    and the ``refine_factor`` x k best candidates re-ranked by their exact inner product, so the
-    scores returned are exact. ``pq_m`` sub-quantizers (null: one per 2 dimensions)."""
-    n, d = x.shape
+    lists = _lists(kind, num_items, nlist)
+    if kind == "ivf":
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, lists, faiss.METRIC_INNER_PRODUCT)
+        ivf.train(x)
+        ivf.nprobe = min(nprobe, lists)
+        return ivf
     m = pq_m or (d // 2 if d % 2 == 0 else d)
     if d % m:
         raise ValueError(f"infer.index.pq_m={m} must divide the vector dimension {d}")
-    lists = max(1, min(nlist, n // 39))  # k-means wants about 39 points per list
     # index_factory is typed to return Index; faiss hands back the concrete class, here the
     # IndexRefineFlat that the ",RFlat" suffix wraps around the IVF index
     index = cast(faiss.IndexRefineFlat, faiss.index_factory(d, f"IVF{lists},PQ{m}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT))
-    rng = np.random.default_rng(0)
-    index.train(x if n <= 64 * lists else x[np.sort(rng.choice(n, 64 * lists, replace=False))])
-    index.add(x)
+    index.train(x)
     faiss.extract_index_ivf(index).nprobe = min(nprobe, lists)
     index.k_factor = refine_factor
     return index
+
+
+def open_shards(paths: Sequence[str | Path], mmap: bool = True) -> faiss.Index:
+    """The index whose shards (each a copy of one trained index with a consecutive block of the
+    catalog's rows added) are the files ``paths``, in row order: the one shard itself, or a
+    ``faiss.IndexShards`` that searches every shard and merges their results, shard s's ids
+    offset by the rows of the shards before it, so ids are catalog rows as in one index. With
+    ``mmap`` each file is memory-mapped read-only: the processes of a node share its pages."""
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    indexes = [faiss.read_index(str(p), flags) for p in paths]
+    if not indexes:
+        raise ValueError("open_shards: no index files given")
+    if len(indexes) == 1:
+        return indexes[0]
+    # faiss's defaults: not threaded (faiss's own threads search each shard), successive ids
+    shards = faiss.IndexShards(indexes[0].d)
+    if not shards.successive_ids:
+        raise RuntimeError("faiss.IndexShards: this faiss does not default to successive ids")
+    for index in indexes:
+        shards.add_shard(index)  # faiss's Python wrapper keeps a reference to each shard
+    return shards
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ def runs(trained) -> dict[str, tuple[Path, dict[str, float]]]:
     for name, extra in (
         ("local", ["infer.use_ray=false"]),
         ("ray", ["infer.use_ray=true", "cluster.num_cpus=2", "infer.num_actors=2"]),
-        ("sharded", ["infer.use_ray=true", "infer.sharded=true", "cluster.num_cpus=2", "infer.num_actors=2"]),
+        # an index shard per piece of items: the actors search two shards as one
+        ("sharded", ["infer.use_ray=true", "infer.sharded=true", "cluster.num_cpus=2", "infer.num_actors=2", "infer.index.shard_items=30"]),
     ):
         cfg = compose_config(
             "batch_infer",
@@ -149,13 +150,18 @@ def test_sharded_actors_write_one_part_per_piece_and_the_index_they_map(runs, tr
         assert sum(pq.ParquetFile(p).metadata.num_rows for p in parts) == rows
     schema = pq.read_schema(run_dir / "recommendations.parquet" / "part-000000000000.parquet")
     assert schema.field("item_ids").type == pa.list_(pa.string()) and schema.field("scores").type == pa.list_(pa.float32())
-    index = faiss.read_index(str(run_dir / "index" / "items.faiss"))
+    # two index shards (infer.index.shard_items=30), each a Ray task's, listed in row order
+    listing = json.loads((run_dir / "index" / "shards.json").read_text())
+    assert listing["files"] == ["items-00000.faiss", "items-00001.faiss"] and listing["rows"] == [30, 30] and metrics["infer/num_index_shards"] == 2
+    assert not (run_dir / "index" / "trained.faiss").exists()
+    shards = [faiss.read_index(str(run_dir / "index" / f)) for f in listing["files"]]
+    assert all(shard.d == 32 for shard in shards)
     items = _by_id(run_dir, "item_embeddings", "item_id")
-    assert index.ntotal == 60 and index.d == 32
-    # the index's rows are the item vectors by catalog row, and text.npy the catalog's frozen encodings
+    # the shards' rows are the item vectors by catalog row, and text.npy the catalog's frozen encodings
     model = load_embedding_model(trained[1] / "bundle")
     order = np.argsort(model_item_ids(trained[1]))
-    np.testing.assert_allclose(index.reconstruct_n(0, 60)[order], np.stack(items["embedding"]), rtol=0, atol=1e-6)
+    rows = np.concatenate([shard.reconstruct_n(0, shard.ntotal) for shard in shards])
+    np.testing.assert_allclose(rows[order], np.stack(items["embedding"]), rtol=0, atol=1e-6)
     text = np.load(run_dir / "index" / "text.npy")
     np.testing.assert_allclose(text, encode_catalog_text(model)[1].numpy(), rtol=0, atol=1e-5)
     assert not (run_dir / "index" / ".text-parts").exists()

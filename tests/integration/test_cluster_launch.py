@@ -187,7 +187,7 @@ def test_the_readmes_two_node_recipe_runs_as_written(cluster_dir):
     # batch inference ran sharded (infer.sharded=true): the actors' parts and the index they mapped, on shared storage
     for name in ("recommendations.parquet", "item_embeddings.parquet", "user_embeddings.parquet"):
         assert sorted(p.name for p in (run / "batch_infer" / name).iterdir())[0] == "part-000000000000.parquet", f"batch_infer/{name}"
-    for name in ("metrics.json", "index/items.faiss", "index/text.npy"):
+    for name in ("metrics.json", "index/items.faiss", "index/shards.json", "index/text.npy"):
         assert (run / "batch_infer" / name).is_file(), f"batch_infer/{name}"
     recs = pq.read_table(run / "batch_infer" / "recommendations.parquet")
     assert recs.num_rows == json.loads((run / "batch_infer" / "metrics.json").read_text())["infer/num_users"] > 0

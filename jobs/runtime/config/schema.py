@@ -320,6 +320,9 @@ class IndexConfig:
     ef_search: int = 128
     pq_m: int | None = None  # ivfpq: sub-quantizers of 4 bits; null: one per 2 dimensions
     refine_factor: int = 8  # ivfpq: refine_factor x top_k candidates re-ranked exactly
+    # infer.sharded: items per index shard; each shard is added by its own Ray task, in parallel,
+    # to a copy of the index trained once, and the actors search the shards as one (faiss IndexShards)
+    shard_items: int = 1_048_576
 
 
 @dataclass
@@ -676,6 +679,7 @@ def _validate_infer(cfg: DictConfig, fail) -> None:
         ("infer.index.hnsw_m", i.index.hnsw_m, 2),
         ("infer.index.ef_search", i.index.ef_search, 1),
         ("infer.index.refine_factor", i.index.refine_factor, 1),
+        ("infer.index.shard_items", i.index.shard_items, 1),
     ):
         if value < low:
             fail(key, f"must be >= {low}, got {value}")

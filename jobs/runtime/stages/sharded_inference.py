@@ -6,10 +6,15 @@ into the run folder (on a cluster: shared storage that every node reaches):
 1. **catalog**: a pool of ``infer.num_actors`` Ray Data actors, each given pieces of item rows,
    encodes their text once, embeds them, and writes ``item_embeddings.parquet/part-<first
    row>.parquet`` and, for a text tower, the pooled text encodings of those rows;
-2. **index**: one Ray task builds the FAISS index (``infer.index``) from the item parts into
-   ``index/items.faiss`` and joins the text parts into ``index/text.npy`` block by block;
+2. **index**: Ray tasks build the FAISS index (``infer.index``) from the item parts: one trains
+   it on a sample (the rows ``faiss_index.training_rows`` picks, read part by part), then one per
+   shard of ``infer.index.shard_items`` rows adds its own parts to a copy of it and writes
+   ``index/items.faiss`` (one shard) or ``index/items-<s>.faiss``, in parallel across the nodes;
+   ``index/shards.json`` lists them. Another task joins the text parts into ``index/text.npy``
+   block by block;
 3. **users**: a pool of actors, each given pieces of user rows, reads only those rows of the
-   bundle's users.parquet (ids and whole histories), memory-maps the index and the text
+   bundle's users.parquet (ids and whole histories), memory-maps the index's shards (searched
+   as one ``faiss.IndexShards``, ids offset to catalog rows) and the text
    encodings (file-backed pages, shared by every actor of a node instead of a private copy in
    each), embeds its users, searches their unseen top-k and writes
    ``recommendations.parquet/part-<first row>.parquet`` and ``user_embeddings.parquet/part-...``.
@@ -23,6 +28,7 @@ under a temporary name and renamed, so a reader never sees half of one.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -38,7 +44,7 @@ from omegaconf import DictConfig
 
 from inference.bundle import CATALOG, USERS, BundleError, list_matrix, read_manifest, read_rows, read_user_rows, verify_files
 from inference.embedding import embed_all_users, embed_items, encode_catalog_text, load_embedding_model, user_histories
-from inference.faiss_index import IndexChoice, SeenItems, build_index, search_unseen
+from inference.faiss_index import IndexChoice, SeenItems, open_shards, search_unseen, trained_index, training_rows
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,9 @@ RECOMMENDATIONS = "recommendations.parquet"
 ITEM_EMBEDDINGS = "item_embeddings.parquet"
 USER_EMBEDDINGS = "user_embeddings.parquet"
 INDEX_DIR = "index"
-INDEX_FILE = "items.faiss"
+INDEX_FILE = "items.faiss"  # the index when it is one shard; items-<s>.faiss for shard s of several
+TRAINED_FILE = "trained.faiss"  # the trained, empty index that every shard copies (removed once they are written)
+SHARD_LIST = "shards.json"  # the shard files in row order, written once every shard is
 TEXT_FILE = "text.npy"
 TEXT_PARTS = ".text-parts"  # under INDEX_DIR while the catalog stage runs; removed once text.npy is whole
 SHARDS_DIR = "shards"  # per actor: the pieces of users it wrote, with its node (users-<pid>.jsonl)
@@ -136,41 +144,100 @@ class CatalogPart:
         return {"rows": np.array([stop - start]), "seconds_compute": np.array([t1 - t0]), "seconds_write": np.array([time.perf_counter() - t1])}
 
 
-def build_index_files(run_dir: str, num_items: int, kind: str, params: dict, with_text: bool) -> dict[str, float]:
-    """Ray task: the item index from the item parts (checked to cover rows 0..num_items-1 in
-    order) into index/items.faiss, and the text parts joined into index/text.npy."""
+def index_shards(item_pieces: list[tuple[int, int]], shard_items: int) -> list[list[tuple[int, int]]]:
+    """The catalog's pieces (start, stop), in order, grouped into index shards of at least
+    ``shard_items`` rows each (the last one may be smaller): whole pieces, so a shard's task reads
+    whole item parts."""
+    shards: list[list[tuple[int, int]]] = [[]]
+    for piece in item_pieces:
+        if shards[-1] and shards[-1][-1][1] - shards[-1][0][0] >= shard_items:
+            shards.append([])
+        shards[-1].append(piece)
+    return [s for s in shards if s]
+
+
+def _item_part(root: Path, start: int, stop: int) -> np.ndarray:
+    """The item vectors of catalog rows start..stop-1, from the catalog stage's part of that piece."""
+    path = root / ITEM_EMBEDDINGS / part_name(start)
+    if not path.is_file():
+        raise RuntimeError(f"{path}: the catalog stage wrote no part for item rows {start}..{stop - 1}")
+    matrix = list_matrix(pq.read_table(path, columns=["embedding"])["embedding"], path, "embedding", np.float32)
+    if len(matrix) != stop - start:
+        raise RuntimeError(f"{path}: {len(matrix)} rows, expected {stop - start} (item rows {start}..{stop - 1})")
+    return matrix
+
+
+def train_index_file(run_dir: str, num_items: int, item_pieces: list[tuple[int, int]], kind: str, params: dict) -> dict[str, float]:
+    """Ray task: the empty index of ``kind`` trained on the catalog's training rows alone
+    (faiss_index.training_rows: at most 64 per list), read part by part, into index/trained.faiss."""
     t0 = time.perf_counter()
     root = Path(run_dir)
-    parts = sorted((root / ITEM_EMBEDDINGS).glob("part-*.parquet"))
-    starts = [int(p.stem.removeprefix("part-")) for p in parts]
-    matrices = [list_matrix(pq.read_table(p, columns=["embedding"])["embedding"], p, "embedding", np.float32) for p in parts]
-    sizes = [len(m) for m in matrices]
-    if starts != list(np.cumsum([0, *sizes[:-1]])) or sum(sizes) != num_items:
-        raise RuntimeError(f"{root / ITEM_EMBEDDINGS}: parts at rows {starts} of {sizes} rows do not cover the catalog's {num_items} items in order")
-    vectors = np.concatenate(matrices)
-    del matrices
-    index = build_index(vectors, kind, **params)
-    del vectors
+    rows = training_rows(num_items, kind, int(params.get("nlist", 64)))
+    blocks = []
+    for start, stop in item_pieces:
+        if rows is None:  # flat, hnsw: nothing to train, the dimension from one row
+            blocks.append(_item_part(root, start, stop)[:1])
+            break
+        wanted = rows[(rows >= start) & (rows < stop)]
+        if len(wanted):
+            blocks.append(_item_part(root, start, stop)[wanted - start])
+    sample = np.concatenate(blocks)
+    index = trained_index(sample, kind, num_items, **params)
     (root / INDEX_DIR).mkdir(exist_ok=True)
-    _write_atomic(root / INDEX_DIR / INDEX_FILE, lambda p: faiss.write_index(index, str(p)))
-    t1 = time.perf_counter()
-    if with_text:
-        text_parts = [root / INDEX_DIR / TEXT_PARTS / f"{s:012d}.npy" for s in starts]
-        first = np.load(text_parts[0], mmap_mode="r")
+    _write_atomic(root / INDEX_DIR / TRAINED_FILE, lambda p: faiss.write_index(index, str(p)))
+    return {"seconds": time.perf_counter() - t0, "rows": float(len(sample))}
 
-        def join(path: Path) -> None:
-            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(num_items, first.shape[1]))
-            for start, part in zip(starts, text_parts):
-                block = np.load(part, mmap_mode="r")
-                out[start : start + len(block)] = block
-            out.flush()
-            del out
 
-        _write_atomic(root / INDEX_DIR / TEXT_FILE, join)
-        for part in text_parts:
-            part.unlink()
-        (root / INDEX_DIR / TEXT_PARTS).rmdir()
-    return {"seconds_index": t1 - t0, "seconds_text": time.perf_counter() - t1}
+def add_index_shard(run_dir: str, name: str, item_pieces: list[tuple[int, int]]) -> dict:
+    """Ray task: a copy of the trained index with the item vectors of ``item_pieces`` (consecutive
+    catalog rows) added, written as index/``name``; holds one shard's vectors, not the catalog's."""
+    import ray
+
+    t0 = time.perf_counter()
+    root = Path(run_dir)
+    index = faiss.read_index(str(root / INDEX_DIR / TRAINED_FILE))
+    for start, stop in item_pieces:
+        index.add(_item_part(root, start, stop))
+    _write_atomic(root / INDEX_DIR / name, lambda p: faiss.write_index(index, str(p)))
+    return {"seconds": time.perf_counter() - t0, "rows": index.ntotal, "node": ray.get_runtime_context().get_node_id()}
+
+
+def join_text_file(run_dir: str, num_items: int, item_pieces: list[tuple[int, int]]) -> float:
+    """Ray task: the catalog stage's text parts joined block by block into index/text.npy (a
+    memory-mapped file, never whole in memory); returns its seconds."""
+    t0 = time.perf_counter()
+    root = Path(run_dir)
+    text_parts = [root / INDEX_DIR / TEXT_PARTS / f"{start:012d}.npy" for start, _ in item_pieces]
+    first = np.load(text_parts[0], mmap_mode="r")
+
+    def join(path: Path) -> None:
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(num_items, first.shape[1]))
+        for (start, stop), part in zip(item_pieces, text_parts):
+            block = np.load(part, mmap_mode="r")
+            if len(block) != stop - start:
+                raise RuntimeError(f"{part}: {len(block)} rows, expected {stop - start} (item rows {start}..{stop - 1})")
+            out[start:stop] = block
+        out.flush()
+        del out
+
+    _write_atomic(root / INDEX_DIR / TEXT_FILE, join)
+    for part in text_parts:
+        part.unlink()
+    (root / INDEX_DIR / TEXT_PARTS).rmdir()
+    return time.perf_counter() - t0
+
+
+def open_item_index(run_dir: Path, num_items: int) -> faiss.Index:
+    """The index the index stage wrote (index/shards.json: its shard files in row order), every
+    shard memory-mapped read-only; checked to hold the catalog's ``num_items`` rows."""
+    listing = run_dir / INDEX_DIR / SHARD_LIST
+    if not listing.is_file():
+        raise RuntimeError(f"{listing}: missing; the index stage did not finish")
+    files = json.loads(listing.read_text())["files"]
+    index = open_shards([run_dir / INDEX_DIR / f for f in files])
+    if index.ntotal != num_items:
+        raise RuntimeError(f"{listing}: its {len(files)} shard(s) hold {index.ntotal} items, the catalog has {num_items}")
+    return index
 
 
 class UserPart:
@@ -185,7 +252,7 @@ class UserPart:
         self.bundle = Path(bundle_path)
         self.run_dir, self.batch_size, self.top_k, self.max_seq_len, self.num_items = Path(run_dir), batch_size, top_k, max_seq_len, num_items
         index_dir = self.run_dir / INDEX_DIR
-        self.index = faiss.read_index(str(index_dir / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        self.index = open_item_index(self.run_dir, num_items)
         self.encoded = None
         if with_text:
             text = np.load(index_dir / TEXT_FILE, mmap_mode="c")  # copy-on-write: never written, so the pages stay the file's
@@ -260,11 +327,41 @@ def _run_pool(cfg: DictConfig, rows: list[tuple[int, int]], actor: type, kwargs:
     return {name: float(sum(r[name] for r in got)) for name in got[0]} if got else {}
 
 
+def build_item_index(
+    run_dir: Path, num_items: int, item_pieces: list[tuple[int, int]], choice: IndexChoice, shard_items: int, cpus: float, with_text: bool
+) -> dict[str, float]:
+    """The index stage, as Ray tasks (none on the driver, which only lists file names): the index
+    trained once on a sample of the item parts, then one task per shard of ``shard_items`` rows
+    adding its own parts to a copy of it, in parallel across the nodes, beside the text join;
+    index/shards.json names the shards once all are written. Returns its timings and counts."""
+    import ray
+
+    root = str(run_dir.resolve())
+    remote = ray.remote(num_cpus=max(1.0, cpus))
+    text = remote(join_text_file).remote(root, num_items, item_pieces) if with_text else None
+    trained = ray.get(remote(train_index_file).remote(root, num_items, item_pieces, choice.kind, dict(choice.params)))
+    groups = index_shards(item_pieces, shard_items)
+    names = [INDEX_FILE] if len(groups) == 1 else [f"items-{s:05d}.faiss" for s in range(len(groups))]
+    shards = ray.get([remote(add_index_shard).remote(root, name, group) for name, group in zip(names, groups)])
+    if sum(s["rows"] for s in shards) != num_items:
+        raise RuntimeError(f"the index shards hold {sum(s['rows'] for s in shards)} items, the catalog has {num_items}")
+    folder = run_dir / INDEX_DIR
+    listing = {"files": names, "rows": [s["rows"] for s in shards], "kind": choice.kind, "params": dict(choice.params)}
+    _write_atomic(folder / SHARD_LIST, lambda p: p.write_text(json.dumps(listing, indent=1)))
+    (folder / TRAINED_FILE).unlink()
+    log.info("index: %d shard(s) of %s built on %d node(s)", len(shards), [s["rows"] for s in shards], len({s["node"] for s in shards}))
+    return {
+        "seconds_train": trained["seconds"],
+        "seconds_shards": sum(s["seconds"] for s in shards),
+        "shards": float(len(shards)),
+        "seconds_text": ray.get(text) if text is not None else 0.0,
+    }
+
+
 def sharded_batch_infer(cfg: DictConfig, bundle_path: Path, run_dir: Path, choice_of: Callable[[DictConfig, int], IndexChoice]) -> dict[str, float]:
     """Embed, index, search and write on Ray without gathering on the driver; the counts and
     timings of metrics.json. Runs inside a Ray session. ``choice_of``: the index for a catalog
     size (batch_inference.index_choice)."""
-    import ray
 
     t_start = time.perf_counter()
     bundle_path = bundle_path.resolve()
@@ -290,8 +387,7 @@ def sharded_batch_infer(cfg: DictConfig, bundle_path: Path, run_dir: Path, choic
     items = _run_pool(cfg, item_pieces, CatalogPart, common)
     t_items = time.perf_counter()
     choice = choice_of(cfg, num_items)
-    task = ray.remote(num_cpus=max(1.0, float(i.cpus_per_actor)))(build_index_files)
-    index = ray.get(task.remote(str(run_dir.resolve()), num_items, choice.kind, dict(choice.params), with_text))
+    index = build_item_index(run_dir, num_items, item_pieces, choice, int(i.index.shard_items), float(i.cpus_per_actor), with_text)
     t_index = time.perf_counter()
     users = _run_pool(
         cfg,
@@ -329,7 +425,8 @@ def sharded_batch_infer(cfg: DictConfig, bundle_path: Path, run_dir: Path, choic
         "infer/seconds_users_stage": t_users - t_index,
         # inside the stages, summed over actors (or the index task)
         "infer/seconds_embed_items": items["seconds_compute"],
-        "infer/seconds_build_index": index["seconds_index"],
+        "infer/seconds_build_index": index["seconds_train"] + index["seconds_shards"],
+        "infer/num_index_shards": index["shards"],
         "infer/seconds_join_text": index["seconds_text"],
         "infer/seconds_embed_users": users["seconds_embed"],
         "infer/seconds_search": users["seconds_search"],
