@@ -268,8 +268,6 @@ class UserPart:
 
     def _record(self, start: int, stop: int) -> None:
         """One line per piece in ``<run>/shards/users-<pid>.jsonl``: which node and process wrote which users."""
-        import json
-
         import ray
 
         folder = self.run_dir / SHARDS_DIR
@@ -316,7 +314,9 @@ def _run_pool(cfg: DictConfig, rows: list[tuple[int, int]], actor: type, kwargs:
         actor,
         fn_constructor_kwargs=kwargs,
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(i.num_actors, len(rows))),
+        # one piece in flight per actor: an idle actor takes the next piece. With more, Ray Data's
+        # locality sent every piece (put by this driver) to the actors on the driver's node
+        compute=ray.data.ActorPoolStrategy(size=min(i.num_actors, len(rows)), max_tasks_in_flight_per_actor=1),
         num_cpus=i.cpus_per_actor,
         num_gpus=i.gpus_per_actor,
         batch_format="numpy",
