@@ -314,8 +314,9 @@ def _run_pool(cfg: DictConfig, rows: list[tuple[int, int]], actor: type, kwargs:
         actor,
         fn_constructor_kwargs=kwargs,
         batch_size=1,
-        # one piece in flight per actor: an idle actor takes the next piece. With more, Ray Data's
-        # locality sent every piece (put by this driver) to the actors on the driver's node
+        # one piece in flight per actor: the next piece waits for an idle actor, on any node. With
+        # Ray Data's default of several, the first actor ready (on the driver's node, where the
+        # pieces are put) could queue them all: at 5 M interactions both pieces went to one actor
         compute=ray.data.ActorPoolStrategy(size=min(i.num_actors, len(rows)), max_tasks_in_flight_per_actor=1),
         num_cpus=i.cpus_per_actor,
         num_gpus=i.gpus_per_actor,
