@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import faiss
 import numpy as np
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+NLIST = 64  # IVF lists when none are given
 
 # infer.index.kind=auto: exact search up to this many items, IVF-PQ with exact re-ranking above
 # (bench/scale.py measures every kind; docs/benchmarks.md, "Scale")
@@ -35,17 +36,9 @@ def auto_index(num_items: int, exact_max_items: int = AUTO_EXACT_MAX_ITEMS) -> I
     return IndexChoice("ivfpq", {"nlist": int(2 * np.sqrt(num_items))} | AUTO_IVFPQ)
 
 
-def build_index(
-    vectors: np.ndarray,
-    kind: str = "flat",
-    nlist: int = 64,
-    nprobe: int = 8,
-    hnsw_m: int = 32,
-    ef_search: int = 128,
-    pq_m: int | None = None,
-    refine_factor: int = 8,
-) -> faiss.Index:
-    """An inner-product index over ``vectors`` [N, d]; row i gets id i.
+def build_index(vectors: np.ndarray, kind: str = "flat", **params: Any) -> faiss.Index:
+    """An inner-product index over ``vectors`` [N, d]; row i gets id i. ``params``: the settings
+    of :func:`trained_index` (``nlist``, ``nprobe``, ``hnsw_m``, ``ef_search``, ``pq_m``, ``refine_factor``).
 
     ``flat``: exact (IndexFlatIP). ``ivf``: IndexIVFFlat with ``nlist`` lists (capped to N), ``nprobe``
     probed per query. ``ivfpq``: IVF with 4-bit product-quantized codes and exact re-ranking (see
@@ -56,8 +49,8 @@ def build_index(
     shards that are added in parallel, is :func:`trained_index` + :func:`open_shards`.
     """
     x = _checked(vectors)
-    rows = training_rows(len(x), kind, nlist)
-    index = trained_index(x if rows is None else x[rows], kind, len(x), nlist, nprobe, hnsw_m, ef_search, pq_m, refine_factor)
+    rows = training_rows(len(x), kind, params.get("nlist", NLIST))
+    index = trained_index(x if rows is None else x[rows], kind, len(x), **params)
     index.add(x)
     return index
 
@@ -77,7 +70,7 @@ def _lists(kind: str, num_items: int, nlist: int) -> int:
     return min(nlist, num_items)
 
 
-def training_rows(num_items: int, kind: str, nlist: int = 64) -> np.ndarray | None:
+def training_rows(num_items: int, kind: str, nlist: int = NLIST) -> np.ndarray | None:
     """The catalog rows an index of ``kind`` over ``num_items`` items is trained on, sorted: every
     row up to 64 per list, else 64 per list drawn with a fixed seed (so a sharded build, which
     reads only these rows, trains the index the whole-catalog build trains); None for the kinds
@@ -95,7 +88,7 @@ def trained_index(
     sample: np.ndarray,
     kind: str,
     num_items: int,
-    nlist: int = 64,
+    nlist: int = NLIST,
     nprobe: int = 8,
     hnsw_m: int = 32,
     ef_search: int = 128,

@@ -44,7 +44,7 @@ from omegaconf import DictConfig
 
 from inference.bundle import CATALOG, USERS, BundleError, list_matrix, read_manifest, read_rows, read_user_rows, verify_files
 from inference.embedding import embed_all_users, embed_items, encode_catalog_text, load_embedding_model, user_histories
-from inference.faiss_index import IndexChoice, SeenItems, open_shards, search_unseen, trained_index, training_rows
+from inference.faiss_index import NLIST, IndexChoice, SeenItems, open_shards, search_unseen, trained_index, training_rows
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def train_index_file(run_dir: str, num_items: int, item_pieces: list[tuple[int, 
     (faiss_index.training_rows: at most 64 per list), read part by part, into index/trained.faiss."""
     t0 = time.perf_counter()
     root = Path(run_dir)
-    rows = training_rows(num_items, kind, int(params.get("nlist", 64)))
+    rows = training_rows(num_items, kind, int(params.get("nlist", NLIST)))
     blocks = []
     for start, stop in item_pieces:
         if rows is None:  # flat, hnsw: nothing to train, the dimension from one row
