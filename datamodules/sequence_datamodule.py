@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytorch_lightning as pl
 import torch
@@ -177,8 +179,8 @@ def read_items(data_dir: Path) -> tuple[int, np.ndarray, list, list, list]:
 
 def read_users(data_dir: Path, lo: int = 0, hi: int | None = None) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray, np.ndarray]:
     """Users lo <= user_idx < hi (all with ``hi`` None) of a prepared dataset, either layout: their
-    raw ids and, ordered by user and position, each row's user_idx and item_idx and each user's
-    offsets (a user's rows are its whole history: train..., valid, test)."""
+    raw ids and user_idx, and, ordered by user and position, every row's item_idx with each user's
+    offsets into them (a user's rows are its whole history: train..., valid, test)."""
     data_dir = Path(data_dir)
     if (data_dir / SEQUENCES).is_dir():  # prepared by data.engine=ray
         return SequenceDataModule._read_sequences(data_dir / SEQUENCES, lo, hi)
@@ -294,14 +296,13 @@ class SequenceDataModule(pl.LightningDataModule):
             lo, hi = total * self.rank // self.world_size, total * (self.rank + 1) // self.world_size
             if hi == lo:
                 raise ValueError(f"data.shard_by_rank: {total} users for {self.world_size} workers leave rank {self.rank} none")
-        user_ids, user_col, item_col, offsets = read_users(self.data_dir, lo, hi)
+        user_ids, self.user_index, item_col, offsets = read_users(self.data_dir, lo, hi)
         self.num_users = total if self.sharded else len(user_ids)
         self.first_user = lo  # user_ids[i] is the raw id of user_idx first_user + i
         self.shard = {"rank": self.rank, "world_size": self.world_size, "user_idx": [lo, lo + len(user_ids)], "rows_read": len(item_col)}
         self.num_items, self.item_ids, self.item_texts, self.item_titles, self.item_categories = read_items(self.data_dir)
         with gc_paused():
             self.user_ids = user_ids.to_numpy()
-        self.user_index = user_col[offsets[:-1]]
         self.valid_targets = item_col[offsets[1:] - 2]
         self.test_targets = item_col[offsets[1:] - 1]
         train_offsets = offsets - 2 * np.arange(len(offsets), dtype=np.int64)
@@ -309,6 +310,8 @@ class SequenceDataModule(pl.LightningDataModule):
         is_train[offsets[1:] - 1] = False
         is_train[offsets[1:] - 2] = False
         self.train_sequences = Ragged(item_col[is_train], train_offsets)
+        del item_col, is_train
+        pa.default_memory_pool().release_unused()  # what reading the users left in Arrow's pool
         self.cold_mask = self._pick_cold_items()
         # every seen item, cold ones included: what the ranking removes
         self.seen_train_sequences = self.train_sequences
@@ -324,8 +327,8 @@ class SequenceDataModule(pl.LightningDataModule):
 
     @staticmethod
     def _read_split(path: Path, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """user_idx and item_idx of split.parquet (the users lo <= user_idx < hi, or all with
-        ``hi`` None) ordered by user and position, and each user's offsets; checks, for all users
+        """Each user's user_idx, the item_idx of split.parquet's rows (the users lo <= user_idx < hi,
+        or all with ``hi`` None) ordered by user and position, and each user's offsets; checks, for all users
         at once, that each is split as train..., valid, test."""
         columns = ["user_idx", "item_idx", "position", "split"]
         table = pq.read_table(path, columns=columns, filters=_user_range(lo, hi) if hi is not None else None)
@@ -350,35 +353,58 @@ class SequenceDataModule(pl.LightningDataModule):
             pos, counts = positions_and_counts(offsets)
             wrong = (codes != split_codes(pos, counts)) | (counts < 2)
             raise ValueError(f"{path}: user_idx {user[np.argmax(wrong)]} is not split as train..., valid, test")
-        return user, item, offsets
+        return user[offsets[:-1]], item, offsets
 
     @staticmethod
     def _read_sequences(folder: Path, lo: int = 0, hi: int | None = None) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray, np.ndarray]:
         """The per-user table of ``data.engine=ray`` (one row per user: its items in time order and
         its split positions; the users lo <= user_idx < hi, or all with ``hi`` None) as the users'
-        raw ids and the columns :meth:`_read_split` gives; checks that the users are numbered
-        lo..hi-1 and split as train..., valid, test."""
-        columns = ["user_idx", "user_id", "item_idx", "valid_position", "test_position"]
-        table = pq.read_table(folder, columns=columns, filters=_user_range(lo, hi) if hi is not None else None)
-        user = table["user_idx"].to_numpy()
-        if len(user) > 1 and (np.diff(user) < 0).any():  # the files in another order than their users: sort (a copy)
-            table = table.take(pa.array(np.argsort(user, kind="stable")))
-            user = table["user_idx"].to_numpy()
+        raw ids and the arrays :meth:`_read_split` gives; checks that the users are numbered
+        lo..hi-1 and split as train..., valid, test.
+
+        Read a record batch at a time, each batch's items copied out and Arrow's freed pages handed
+        back before the next: the whole table is never in memory as Arrow data beside its NumPy
+        copy (at 50 M interactions a rank's peak was about 3x its items' bytes)."""
+        dataset = pads.dataset(folder, format="parquet")
+        where = None if hi is None else (pc.field("user_idx") >= lo) & (pc.field("user_idx") < hi)
+        pool = pa.default_memory_pool()
+        batches: list[tuple[np.ndarray, pa.Array, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        for batch in dataset.to_batches(columns=["user_idx", "user_id", "item_idx", "valid_position", "test_position"], filter=where):
+            if batch.num_rows:
+                lists = batch.column("item_idx")
+                batches.append(
+                    (
+                        batch.column("user_idx").to_numpy(),
+                        batch.column("user_id"),
+                        np.diff(lists.offsets.to_numpy()).astype(np.int64),
+                        lists.flatten().to_numpy().copy(),
+                        batch.column("valid_position").to_numpy(),
+                        batch.column("test_position").to_numpy(),
+                    )
+                )
+            del batch
+            pool.release_unused()
+        batches.sort(key=lambda b: int(b[0][0]))  # the files are read in any order; each holds a range of users
+        user, sizes, valid_position, test_position = (np.concatenate([b[k] for b in batches]) if batches else np.zeros(0, dtype=np.int64) for k in (0, 2, 4, 5))
+        user_ids = pa.chunked_array([b[1] for b in batches], type=dataset.schema.field("user_id").type)
+        item = np.concatenate([b[3] for b in batches]) if batches else np.zeros(0, dtype=np.int64)
+        del batches
+        offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+        if len(user) > 1 and (np.diff(user) < 0).any():  # users interleaved across files: sort (a copy)
+            order = np.argsort(user, kind="stable")
+            sorted_rows = Ragged(item, offsets).take(order)
+            item, offsets, sizes = sorted_rows.values, sorted_rows.offsets, sizes[order]
+            user, user_ids, valid_position, test_position = user[order], user_ids.take(pa.array(order)), valid_position[order], test_position[order]
         end = lo + len(user) if hi is None else hi
         expected = np.arange(lo, lo + len(user))
         wrong = np.flatnonzero(user != expected)
         if len(wrong) or lo + len(user) != end:
             at = f"user_idx {user[wrong[0]]}" if len(wrong) else f"{len(user)} users found"
             raise ValueError(f"{folder}: field 'user_idx' is not {lo}..{end - 1} ({at})")
-        lists = table["item_idx"].combine_chunks()
-        offsets = lists.offsets.to_numpy().astype(np.int64)
-        offsets = offsets - offsets[0]
-        sizes = np.diff(offsets)
-        wrong = (sizes < 3) | (table["valid_position"].to_numpy() != sizes - 2) | (table["test_position"].to_numpy() != sizes - 1)
+        wrong = (sizes < 3) | (valid_position != sizes - 2) | (test_position != sizes - 1)
         if wrong.any():
             raise ValueError(f"{folder}: user_idx {user[np.argmax(wrong)]} is not split as train..., valid, test")
-        item = lists.flatten().to_numpy()
-        return table["user_id"], np.repeat(user, sizes), item, offsets
+        return user_ids, user, item, offsets
 
     def _pick_cold_items(self) -> np.ndarray:
         """Boolean mask of the items held out of all training: ``cold_items`` items drawn

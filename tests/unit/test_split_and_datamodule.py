@@ -164,9 +164,22 @@ def test_read_users_orders_the_users_of_sequence_files_listed_out_of_user_order(
     assert ids.to_pylist() == ["u0", "u1", "u2", "u3"]
     assert offsets.tolist() == [0, 3, 6, 9, 13]
     assert items.tolist() == [1, 2, 3, 4, 4, 5, 5, 6, 7, 8, 9, 1, 2]
-    assert users.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 4
+    assert users.tolist() == [0, 1, 2, 3]
     ids, users, items, offsets = read_users(tmp_path, 1, 3)  # a range across both files
-    assert ids.to_pylist() == ["u1", "u2"] and items.tolist() == [4, 4, 5, 5, 6, 7] and offsets.tolist() == [0, 3, 6]
+    assert ids.to_pylist() == ["u1", "u2"] and users.tolist() == [1, 2]
+    assert items.tolist() == [4, 4, 5, 5, 6, 7] and offsets.tolist() == [0, 3, 6]
+
+
+def test_read_users_orders_users_interleaved_across_sequence_files(tmp_path):
+    from datamodules.sequence_datamodule import SEQUENCES, read_users
+
+    folder = tmp_path / SEQUENCES
+    folder.mkdir()
+    _sequences_file(folder / "a.parquet", [(1, [4, 4, 5]), (2, [5, 6, 7])])  # each file's users are in order,
+    _sequences_file(folder / "b.parquet", [(0, [1, 2, 3]), (3, [8, 9, 1, 2])])  # their ranges overlap
+    ids, users, items, offsets = read_users(tmp_path)
+    assert ids.to_pylist() == ["u0", "u1", "u2", "u3"] and users.tolist() == [0, 1, 2, 3]
+    assert items.tolist() == [1, 2, 3, 4, 4, 5, 5, 6, 7, 8, 9, 1, 2] and offsets.tolist() == [0, 3, 6, 9, 13]
 
 
 def test_read_users_names_the_first_user_missing_from_the_sequence_files(tmp_path):
