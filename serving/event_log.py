@@ -1,18 +1,26 @@
 """The service's durable, append-only log of what it learned live: events and new items.
 
-One JSON object per line, each with its offset (0, 1, 2, ...) and kind (``event`` or
-``item``). An append is written and fsync'ed before it returns, so everything the service
-acknowledged survives a crash (kill -9 included) and is replayed on restart in the order it
-happened (an event on a new item comes after that item). A last line cut short by a crash was
-never acknowledged: it is dropped on open, with a warning. Also what ``jobs.update`` reads
-(offsets since a bundle was made).
+A SQLite database (``<state_dir>/state.sqlite``, stdlib ``sqlite3``, write-ahead log,
+``synchronous=FULL``): one row per record, its offset (0, 1, 2, ...) the row id, its kind
+(``event`` or ``item``) and its fields as JSON. An append is one transaction, committed (and
+with ``fsync`` on, on disk) before it returns: a record is either in the log with its offset or
+not at all, so everything the service acknowledged survives a crash (kill -9 included), a failed
+write takes no offset, and the log is replayed on restart in the order it happened (an event on a
+new item comes after that item). One service writes a state folder: a second is refused while the
+first holds ``writer.lock``. Readers (``jobs.update``, ``read_log``) open the database read-only,
+beside the writer, and read by offset without loading the rest.
+
+A state folder from before (``log.jsonl``, one JSON object per line) is imported on the first
+open, offsets kept, and the file renamed ``log.jsonl.imported``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,82 +28,159 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-LOG_FILE = "log.jsonl"
+STATE_FILE = "state.sqlite"
+LOCK_FILE = "writer.lock"
+LEGACY_LOG = "log.jsonl"
+SCHEMA = "CREATE TABLE IF NOT EXISTS records (offset INTEGER PRIMARY KEY, kind TEXT NOT NULL, fields TEXT NOT NULL)"
 
 
 class EventLogError(ValueError):
-    """A damaged log: names the file and the line."""
+    """A damaged log: names the file and the record (line or offset)."""
 
 
-def read_log(path: str | Path, start: int = 0) -> Iterator[dict[str, Any]]:
-    """Every complete record of the log file at ``path`` with offset >= ``start``, in order."""
-    path = Path(path)
+class StateLockedError(RuntimeError):
+    """Another process writes this state folder."""
+
+
+class StateWriteError(OSError):
+    """An append that did not become durable; nothing of it was recorded."""
+
+
+def state_file(folder: str | Path) -> Path:
+    """Where the log of the state folder ``folder`` lives."""
+    return Path(folder) / STATE_FILE
+
+
+def _record(path: Path, offset: int, kind: str, fields: str) -> dict[str, Any]:
+    try:
+        body = json.loads(fields)
+    except json.JSONDecodeError:
+        raise EventLogError(f"{path}, offset {offset}: its fields are not valid JSON") from None
+    if not isinstance(body, dict):
+        raise EventLogError(f"{path}, offset {offset}: its fields are not a JSON object")
+    return {"offset": offset, "kind": kind, **body}
+
+
+def _rows(conn: sqlite3.Connection, path: Path, start: int) -> Iterator[dict[str, Any]]:
+    try:
+        for offset, kind, fields in conn.execute("SELECT offset, kind, fields FROM records WHERE offset >= ? ORDER BY offset", (start,)):
+            yield _record(path, offset, kind, fields)
+    except sqlite3.DatabaseError as e:
+        raise EventLogError(f"{path}: {e} (check it with: sqlite3 {path} 'PRAGMA integrity_check')") from e
+
+
+def read_log(folder: str | Path, start: int = 0) -> Iterator[dict[str, Any]]:
+    """Every record of the state folder ``folder`` with offset >= ``start``, in order, read-only
+    (beside a running service); nothing when the folder has no log yet."""
+    path = state_file(folder)
     if not path.is_file():
         return
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    last = len(lines) - 1
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        yield from _rows(conn, path, start)
+    finally:
+        conn.close()
+
+
+def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a former ``log.jsonl`` (a last line cut short by a crash is dropped)."""
+    lines = path.read_bytes().split(b"\n")
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
             record = json.loads(raw)
         except json.JSONDecodeError:
-            if number - 1 == last:  # the unterminated tail of a write cut by a crash: never acknowledged
+            if number == len(lines):  # the unterminated tail of a write cut by a crash: never acknowledged
                 log.warning("%s: dropping an incomplete last line (a write cut short; it was never acknowledged)", path)
                 return
             raise EventLogError(f"{path}, line {number}: not valid JSON") from None
         if not isinstance(record, dict) or "offset" not in record or "kind" not in record:
             raise EventLogError(f"{path}, line {number}: a record needs 'offset' and 'kind'")
-        if record["offset"] >= start:
-            yield record
+        yield record
 
 
 class EventLog:
-    """Appends records durably to ``<folder>/log.jsonl``; thread-safe."""
+    """Appends records durably to ``<folder>/state.sqlite``; thread-safe; one per folder."""
 
     def __init__(self, folder: str | Path, fsync: bool = True):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.path = self.folder / LOG_FILE
+        self.path = state_file(self.folder)
         self.fsync = fsync
         self._lock = threading.Lock()
-        self._records = list(read_log(self.path))
-        for expected, record in enumerate(self._records):
-            if record["offset"] != expected:
-                raise EventLogError(f"{self.path}: offsets must run 0, 1, 2, ...; found {record['offset']} where {expected} belongs")
-        self._truncate_incomplete_tail()
-        self._file = open(self.path, "ab")
+        self._writer = self._take_writer_lock()
+        try:
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self._conn.execute(SCHEMA)
+            self._import_legacy()
+            count, top = self._conn.execute("SELECT COUNT(*), MAX(offset) FROM records").fetchone()
+        except sqlite3.DatabaseError as e:
+            self._writer.close()
+            raise EventLogError(f"{self.path}: {e} (check it with: sqlite3 {self.path} 'PRAGMA integrity_check')") from e
+        if count and top != count - 1:
+            first_gap = self._conn.execute("SELECT MIN(offset) + 1 FROM records WHERE offset + 1 NOT IN (SELECT offset FROM records)").fetchone()[0]
+            self.close()
+            raise EventLogError(f"{self.path}: offsets must run 0, 1, 2, ...; offset {first_gap} is missing below {top}")
+        self._next = count
 
-    def _truncate_incomplete_tail(self) -> None:
-        """Cut a crash's unterminated last line, so the next record starts on a line of its own."""
-        if not self.path.is_file():
+    def _take_writer_lock(self):
+        lock = open(self.folder / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise StateLockedError(
+                f"{self.folder}: another process (pid {holder}) writes this state folder; give each service its own serve.state_dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        return lock
+
+    def _import_legacy(self) -> None:
+        legacy = self.folder / LEGACY_LOG
+        if not legacy.is_file() or self._conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]:
             return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(self.path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+        rows = [(r["offset"], r["kind"], json.dumps({k: v for k, v in r.items() if k not in ("offset", "kind")})) for r in _read_jsonl(legacy)]
+        for expected, (offset, _, _) in enumerate(rows):
+            if offset != expected:
+                raise EventLogError(f"{legacy}: offsets must run 0, 1, 2, ...; found {offset} where {expected} belongs")
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.executemany("INSERT INTO records (offset, kind, fields) VALUES (?, ?, ?)", rows)
+        legacy.rename(legacy.with_name(LEGACY_LOG + ".imported"))
+        log.warning("%s: imported %d records into %s (the file is kept as %s.imported)", legacy, len(rows), self.path, LEGACY_LOG)
 
     @property
     def next_offset(self) -> int:
-        return len(self._records)
+        return self._next
 
-    def records(self, start: int = 0) -> list[dict[str, Any]]:
-        """The records from offset ``start`` on (a copy)."""
-        with self._lock:
-            return list(self._records[start:])
+    def records(self, start: int = 0) -> Iterator[dict[str, Any]]:
+        """The records from offset ``start`` on, read from the database a row at a time."""
+        return read_log(self.folder, start)
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Write one record durably (fsync) and return it with its offset."""
+        """Write one record durably (committed, fsync'ed with ``fsync``) and return it with its
+        offset; on a failed write nothing is recorded, the offset stays free, and
+        :class:`StateWriteError` says why."""
+        body = json.dumps(fields, separators=(",", ":"))
         with self._lock:
-            record = {"offset": len(self._records), "kind": kind, **fields}
-            self._file.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
-            self._file.flush()
-            if self.fsync:
-                os.fsync(self._file.fileno())
-            self._records.append(record)
-            return record
+            offset = self._next
+            try:
+                with self._conn:  # BEGIN ... COMMIT, or ROLLBACK on an error
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    self._conn.execute("INSERT INTO records (offset, kind, fields) VALUES (?, ?, ?)", (offset, kind, body))
+            except sqlite3.Error as e:
+                raise StateWriteError(f"{self.path}: the record was not written ({e}); nothing was recorded") from e
+            self._next = offset + 1
+        return {"offset": offset, "kind": kind, **fields}
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            self._conn.close()
+            self._writer.close()

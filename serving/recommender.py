@@ -24,6 +24,7 @@ import torch
 
 from inference.bundle import BundleError, ModelBundle, bundle_folder, load_bundle
 from inference.faiss_index import build_index, search_unseen
+from serving.event_log import StateWriteError
 from serving.live_state import LiveState
 
 log = logging.getLogger(__name__)
@@ -465,8 +466,16 @@ class Recommender:
         self._sync_items()
         if self._model.index_of(item_id) is None:
             raise ServiceError(404, f"unknown item_id {item_id!r}", "item_id")
-        record = self.state.append("event", user_id=user_id, item_id=item_id, ts=float(ts) if ts is not None else time.time())
+        record = self._append("event", user_id=user_id, item_id=item_id, ts=float(ts) if ts is not None else time.time())
         return {"offset": record["offset"], "user_id": user_id, "item_id": item_id}
+
+    def _append(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Log a record durably; a write that failed (disk full, I/O error) is a 503 that says
+        nothing was recorded, and the next request may try again."""
+        try:
+            return self.state.append(kind, **fields)
+        except StateWriteError as e:
+            raise ServiceError(503, f"the {kind} was not recorded: the service's state could not be written; try again", None) from e
 
     def add_item(self, item_id: str, text: str, categories: Sequence[str] = (), title: str | None = None) -> dict[str, Any]:
         """Encode a new item from its text and make it recommendable at once (durably logged)."""
@@ -478,7 +487,7 @@ class Recommender:
             if m.tokenizer is None or m.bundle.model.item_tower.encoder is None:
                 raise ServiceError(422, "this model has no text tower: it cannot score an item from its text", "text")
             record = {"item_id": item_id, "text": text, "categories": list(categories), "title": title or text[:80]}
-            logged = self.state.append("item", **record)  # durable first, then served
+            logged = self._append("item", **record)  # durable first, then served
         self._sync_items()
         return {"offset": logged["offset"], "item_id": item_id, "item_idx": self._model.index_of(item_id)}
 

@@ -44,6 +44,7 @@ class Server:
     def __init__(self, root: Path, bundle: Path, state: Path, *extra: str, host: str = "127.0.0.1"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.state = state
         args = [
             sys.executable,
             "-m",
@@ -308,6 +309,15 @@ def test_kill_9_loses_no_acknowledged_event(trained, tmp_path):
         again.stop()
 
 
+def test_a_second_service_on_the_same_state_folder_stops_and_the_first_serves_on(server, trained):
+    second = Server(trained["root"], trained["run"], server.state)
+    out, _ = second.proc.communicate(timeout=120)
+    assert second.proc.returncode != 0
+    assert f"{server.state}: another process (pid {server.proc.pid}) writes this state folder" in out
+    assert server.post("/events", {"user_id": "after-refusal", "item_id": "i3"}).status_code == 200
+    assert requests.get(server.url + "/users/after-refusal", timeout=10).json()["history"] == ["i3"]
+
+
 def test_admin_needs_a_token_off_loopback(trained, tmp_path):
     refused = Server(trained["root"], trained["run"], tmp_path / "a", host="0.0.0.0")
     out, _ = refused.proc.communicate(timeout=120)
@@ -336,5 +346,6 @@ def test_ray_serve_replicas_share_events_and_new_items(trained, tmp_path):
         assert s.post("/recommend", {"user_id": "ray-user", "k": 0}).status_code == 422
     finally:
         s.stop(signal.SIGINT)
-    log = [json.loads(line) for line in (tmp_path / "state" / "log.jsonl").read_text().splitlines()]
-    assert [(r["offset"], r["kind"]) for r in log] == [(0, "event"), (1, "item")]
+    from serving.event_log import read_log
+
+    assert [(r["offset"], r["kind"]) for r in read_log(tmp_path / "state")] == [(0, "event"), (1, "item")]

@@ -32,7 +32,7 @@ from jobs.runtime.config.schema import validate
 from jobs.runtime.tracking.console import say
 from jobs.runtime.training.checkpoints import restore_config
 from jobs.runtime.training.stage_job import run_stage_job
-from serving.event_log import LOG_FILE, read_log
+from serving.event_log import read_log, state_file
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def run_update(cfg: DictConfig) -> dict[str, float]:
     manifest = read_manifest(parent_path)
     state_dir = state_dir_of(cfg, "update.state_dir")
     start = int(manifest.get("lineage", {}).get("log_offset_consumed", 0))
-    records = list(read_log(state_dir / LOG_FILE, start))
+    records = list(read_log(state_dir, start))
     events = sum(r["kind"] == "event" for r in records)
     items = sum(r["kind"] == "item" for r in records)
     result: dict[str, object] = {"bundle": str(parent_path), "noop": True, "parent": str(parent_path)}
@@ -114,7 +114,7 @@ def run_update(cfg: DictConfig) -> dict[str, float]:
         say(
             "update: %d new event(s) in %s since offset %d (update.min_events=%d): nothing to do; %s stays",
             events,
-            state_dir / LOG_FILE,
+            state_file(state_dir),
             start,
             cfg["update"].min_events,
             parent_path,
@@ -126,7 +126,7 @@ def run_update(cfg: DictConfig) -> dict[str, float]:
     version = int(manifest["model_version"]) + 1
     run_dir = Path(cfg.paths.outputs_root).resolve() / "update" / f"{cfg.experiment_name}-v{version}-{key}-{start}-{end}"
     if (run_dir / BUNDLE_DIR / MANIFEST).is_file():
-        say("update: offsets %d..%d of %s were already consumed into %s; nothing to do", start, end - 1, state_dir / LOG_FILE, run_dir / BUNDLE_DIR)
+        say("update: offsets %d..%d of %s were already consumed into %s; nothing to do", start, end - 1, state_file(state_dir), run_dir / BUNDLE_DIR)
         _write_result(cfg, result | {"bundle": str(run_dir / BUNDLE_DIR)})
         return {"update/noop": 1.0}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +157,7 @@ def run_update(cfg: DictConfig) -> dict[str, float]:
         users = UserTable(np.asarray(list(histories), dtype=object), [np.asarray([index[i] for i in h], dtype=np.int64) for h in histories.values()])
         lineage = {
             "parent": {"path": str(parent_path), "model_version": parent.model_version},
-            "log": str(state_dir / LOG_FILE),
+            "log": str(state_file(state_dir)),
             "log_offset_start": start,
             "log_offset_consumed": end,
             "events": events,
