@@ -2,21 +2,22 @@
 Ray Serve deployment. OpenAPI at /openapi.json (and /docs); Prometheus text at /metrics.
 
 Every refused request gets a 4xx with ``{"error": <what is wrong>, "field": <where>}`` and
-leaves the service and its state as they were.
+leaves the service and its state as they were. Who may call what: serving/access.py (API keys
+with scopes, Host names).
 """
 
 from __future__ import annotations
 
-import hmac
 import time
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.access import Access
 from serving.recommender import Recommender, ServiceError, model_age_seconds
 
 ItemId = Annotated[str, Field(min_length=1, max_length=256)]
@@ -116,9 +117,10 @@ def _field_of(loc: tuple) -> str:
     return out or "body"
 
 
-def create_app(service: Recommender, admin_token: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The API over ``service``. With ``admin_token`` set, /admin/* and /items need
-    ``Authorization: Bearer <token>``."""
+def create_app(service: Recommender, access: Access | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The API over ``service``, every request checked by ``access`` (default: no keys, loopback
+    Host names only)."""
+    access = access or Access()
     app = FastAPI(
         title="towerrec", version="1", summary="Real-time two-tower recommendations: recommend, learn from events, add items, explain, generate feeds"
     )
@@ -138,6 +140,15 @@ def create_app(service: Recommender, admin_token: str | None = None, max_body_by
     catalog = Gauge("towerrec_catalog_items", "items the service can recommend", registry=registry)
     updates = Gauge("towerrec_updates", "incremental updates by outcome since the service started", ["outcome"], registry=registry)
     app.state.service = service
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        verdict = access.check(request.url.path, request.headers.get("host"), request.headers.get("authorization"))
+        if isinstance(verdict, tuple):
+            status, message, field = verdict
+            return JSONResponse({"error": message, "field": field}, status_code=status)
+        request.state.scope = verdict
+        return await call_next(request)
 
     @app.middleware("http")
     async def measure(request: Request, call_next):
@@ -165,16 +176,12 @@ def create_app(service: Recommender, admin_token: str | None = None, max_body_by
             return JSONResponse({"error": f"unknown field '{field}'", "field": field}, status_code=422)
         return JSONResponse({"error": f"{field}: {first['msg']}", "field": field}, status_code=422)
 
-    def admin(request: Request) -> None:
-        if admin_token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {admin_token}".encode()):
-            raise ServiceError(401, "this endpoint needs 'Authorization: Bearer <admin token>'", "authorization")
-
     @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
-        return service.health()
+    def healthz(request: Request) -> dict[str, Any]:
+        health = service.health()
+        if request.state.scope not in ("open", "admin"):  # where the files live is for admins
+            health = {k: v for k, v in health.items() if k not in ("bundle", "log")}
+        return health
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
@@ -201,7 +208,7 @@ def create_app(service: Recommender, admin_token: str | None = None, max_body_by
     def user(user_id: str) -> dict[str, Any]:
         return service.user_state(user_id)
 
-    @app.post("/items", dependencies=[Depends(admin)])
+    @app.post("/items")
     def add_item(body: ItemRequest) -> dict[str, Any]:
         out = service.add_item(body.item_id, body.text, body.categories, body.title)
         items_added.inc()
@@ -211,7 +218,7 @@ def create_app(service: Recommender, admin_token: str | None = None, max_body_by
     def generate(body: GenerateRequest) -> dict[str, Any]:
         return service.generate(body.user_id, body.history, body.length, body.temperature, body.top_p, body.no_repeat, body.seed, body.diversity)
 
-    @app.post("/admin/reload", dependencies=[Depends(admin)])
+    @app.post("/admin/reload")
     def reload(body: ReloadRequest | None = None) -> dict[str, Any]:
         return service.reload(body.bundle if body else None)
 

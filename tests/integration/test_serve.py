@@ -41,10 +41,11 @@ def wait_until(condition, timeout: float = 60.0) -> None:
 class Server:
     """A ``jobs.serve`` process on loopback; stopped (killed if need be) by ``stop``."""
 
-    def __init__(self, root: Path, bundle: Path, state: Path, *extra: str, host: str = "127.0.0.1"):
+    def __init__(self, root: Path, bundle: Path, state: Path, *extra: str, host: str = "127.0.0.1", env: dict | None = None, key: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state = state
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}  # what wait_ready's /healthz sends
         args = [
             sys.executable,
             "-m",
@@ -58,8 +59,7 @@ class Server:
             "logger=none",
             *extra,
         ]
-        env = {**os.environ, "WANDB_MODE": "disabled"}
-        env.pop("TOWERREC_ADMIN_TOKEN", None)
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("TOWERREC_")}, "WANDB_MODE": "disabled", **(env or {})}
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self, timeout: float = 120.0) -> Server:
@@ -68,7 +68,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stdout.read()[-3000:]}")
             try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if requests.get(self.url + "/healthz", headers=self.headers, timeout=1).status_code == 200:
                     return self
             except requests.RequestException:  # not listening yet, or a proxy waiting for its replicas
                 pass
@@ -318,20 +318,66 @@ def test_a_second_service_on_the_same_state_folder_stops_and_the_first_serves_on
     assert requests.get(server.url + "/users/after-refusal", timeout=10).json()["history"] == ["i3"]
 
 
-def test_admin_needs_a_token_off_loopback(trained, tmp_path):
+READ_KEY, WRITE_KEY, ADMIN_KEY = "read-key-0123456789", "write-key-0123456789", "admin-key-0123456789"
+# every endpoint, the scope it needs, and a body it accepts
+ENDPOINTS = [
+    ("post", "/recommend", "read", {"history": ["i1"], "k": 2}),
+    ("post", "/generate", "read", {"history": ["i1"], "length": 2, "seed": 0}),
+    ("get", "/healthz", "read", None),
+    ("post", "/events", "write", {"user_id": "guarded-user", "item_id": "i2"}),
+    ("get", "/users/guarded-user", "admin", None),
+    ("post", "/items", "admin", {"item_id": "guarded", "text": "barn sheep"}),
+    ("get", "/metrics", "admin", None),
+    ("get", "/openapi.json", "admin", None),
+    ("get", "/docs", "admin", None),
+]
+
+
+def test_off_loopback_every_endpoint_needs_a_key_of_its_scope_and_no_key_reaches_the_run_folder(trained, tmp_path):
     refused = Server(trained["root"], trained["run"], tmp_path / "a", host="0.0.0.0")
     out, _ = refused.proc.communicate(timeout=120)
-    assert refused.proc.returncode != 0 and "serve.admin_token" in out
-    guarded = Server(trained["root"], trained["run"], tmp_path / "b", "serve.admin_token=s3cret", host="0.0.0.0").wait_ready()
+    assert refused.proc.returncode != 0 and "not loopback, with no API key" in out and "serve.keys_file" in out
+    keys = tmp_path / "keys"
+    keys.write_text(f"# one key per line\nread {READ_KEY}\nwrite {WRITE_KEY}\n")
+    s = Server(
+        trained["root"], trained["run"], tmp_path / "b", f"serve.keys_file={keys}", host="0.0.0.0", env={"TOWERREC_ADMIN_TOKEN": ADMIN_KEY}, key=READ_KEY
+    )
+    s.wait_ready()
+    scopes = {"read": READ_KEY, "write": WRITE_KEY, "admin": ADMIN_KEY}
+    order = list(scopes)
+
+    def call(method, path, body, key=None, **headers):
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        return requests.request(method, s.url + path, json=body, headers=auth | headers, timeout=30)
+
     try:
-        body = {"item_id": "guarded", "text": "barn sheep"}
-        assert guarded.post("/items", body).status_code == 401
-        assert guarded.post("/items", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert guarded.post("/admin/reload", {}).status_code == 401
-        assert guarded.post("/items", body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
-        assert guarded.post("/recommend", {"history": ["i1"], "k": 2}).status_code == 200  # reading needs no token
+        for method, path, need, body in ENDPOINTS:
+            assert call(method, path, body).status_code == 401, path
+            assert call(method, path, body, "not-a-key-0123456789").status_code == 401, path
+            for scope, key in scopes.items():  # a scope reaches what it and the scopes below it may
+                expected = 200 if order.index(scope) >= order.index(need) else 403
+                assert call(method, path, body if path != "/items" else body | {"item_id": f"guarded-{scope}"}, key).status_code == expected, (path, scope)
+        assert call("post", "/admin/reload", {}, WRITE_KEY).status_code == 403
+        assert call("post", "/admin/reload", {}, ADMIN_KEY).status_code == 200
+        # the refused writes changed nothing: the user holds the write and admin keys' events only
+        assert call("get", "/users/guarded-user", None, ADMIN_KEY).json()["history"] == ["i2", "i2"]
+        assert "bundle" not in call("get", "/healthz", None, READ_KEY).json()  # server paths are for admins
+        assert call("get", "/healthz", None, ADMIN_KEY).json()["bundle"] == str(trained["finetune"].resolve())
+        wrong_host = call("post", "/recommend", {"history": ["i1"], "k": 2}, ADMIN_KEY, Host="attacker.example")
+        assert wrong_host.status_code == 400 and wrong_host.json()["field"] == "host"
     finally:
-        guarded.stop()
+        s.stop()
+    written = [f.read_bytes() for f in trained["root"].rglob("*") if f.is_file() and f.stat().st_size < 5_000_000]
+    assert any(str(keys).encode() in data for data in written)  # the serve run's config.yaml names the keys file...
+    assert not any(key.encode() in data for data in written for key in scopes.values())  # ...and no file holds a key
+
+
+def test_a_loopback_service_answers_loopback_host_names_only(server):
+    ok = requests.post(server.url + "/recommend", json={"history": ["i1"], "k": 2}, headers={"Host": f"localhost:{server.port}"}, timeout=10)
+    assert ok.status_code == 200
+    rebound = requests.post(server.url + "/recommend", json={"history": ["i1"], "k": 2}, headers={"Host": f"attacker.example:{server.port}"}, timeout=10)
+    assert rebound.status_code == 400 and rebound.json()["field"] == "host"
+    assert requests.post(server.url + "/admin/reload", json={}, headers={"Host": "attacker.example"}, timeout=10).status_code == 400
 
 
 def test_ray_serve_replicas_share_events_and_new_items(trained, tmp_path):

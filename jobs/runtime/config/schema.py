@@ -361,13 +361,17 @@ class ServeConfig:
     # a finetune run folder, a pipeline run folder, a bundle folder, or 'latest' (newest finetune
     # run or pipeline of experiment_name)
     bundle: str = "latest"
-    host: str = "127.0.0.1"  # anything but loopback needs an admin token
+    host: str = "127.0.0.1"  # anything but loopback needs an API key
     port: int = 8000
     backend: ServeBackend = ServeBackend.local
     replicas: int = 1  # backend=ray only
-    # required for /items and /admin/* when host is not loopback (else optional); the
-    # environment variable TOWERREC_ADMIN_TOKEN is used when this is null
-    admin_token: str | None = None
+    # API keys, one '<scope> <key>' per line (scopes read < write < admin; serving/access.py),
+    # with those of TOWERREC_READ_KEY, TOWERREC_WRITE_KEY and TOWERREC_ADMIN_TOKEN; once any
+    # key is given every endpoint needs one. Required when host is not loopback. Keys never go
+    # into the config (nor the run folder): only this file's path does.
+    keys_file: str | None = None
+    # Host names the service answers to besides the loopback ones ('*': any)
+    allowed_hosts: list[str] = field(default_factory=list)
     state_dir: str | None = None  # the durable event/item log; null: <outputs_root>/serve/state
     max_history: int = 500  # live events kept per user in memory (all of them stay in the log)
     explain_window: int = 10  # how many recent history items explanations consider

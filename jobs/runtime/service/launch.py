@@ -16,8 +16,6 @@ from jobs.runtime.tracking.console import say
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "TOWERREC_ADMIN_TOKEN"
-
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -28,15 +26,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def admin_token_of(cfg: DictConfig) -> str | None:
-    """``serve.admin_token`` or the environment's; refuses a non-loopback bind without one."""
-    token = cfg.serve.admin_token or os.environ.get(TOKEN_ENV) or None
-    if token is None and not is_loopback(cfg.serve.host):
+def access_of(cfg: DictConfig):
+    """The service's keys (``serve.keys_file`` and the environment) and Host names; refuses a
+    non-loopback bind without a key."""
+    from serving.access import ENV_KEYS, Access, AccessError
+
+    try:
+        access = Access.from_sources(os.environ, cfg.serve.keys_file, tuple(cfg.serve.allowed_hosts))
+    except AccessError as e:
+        raise ConfigError(f"config error at 'serve.keys_file': {e}") from None
+    if access.open and not is_loopback(cfg.serve.host):
         raise ConfigError(
-            f"config error at 'serve.admin_token': the service would bind to {cfg.serve.host}, which is not loopback; "
-            f"set serve.admin_token (or {TOKEN_ENV}) so /items and /admin/* are not open to the network"
+            f"config error at 'serve.keys_file': the service would bind to {cfg.serve.host}, which is not loopback, with no API key; "
+            f"give keys in serve.keys_file or {', '.join(ENV_KEYS)} so no endpoint is open to the network"
         )
-    return token
+    return access
 
 
 def service_options(cfg: DictConfig, bundle: Path) -> dict:
@@ -56,7 +60,7 @@ def service_options(cfg: DictConfig, bundle: Path) -> dict:
 def run_serve(cfg: DictConfig) -> dict[str, float]:
     """``jobs.serve``: load the bundle, replay the durable log, serve until stopped."""
     validate(cfg)
-    token = admin_token_of(cfg)
+    access = access_of(cfg)
     bundle = resolve_bundle(cfg.serve.bundle, cfg.paths.outputs_root, "finetune", cfg.experiment_name, key="serve.bundle")
     run_dir = create_run_folder(cfg)
     options = service_options(cfg, bundle)
@@ -71,7 +75,7 @@ def run_serve(cfg: DictConfig) -> dict[str, float]:
         if backend == "ray":
             from jobs.runtime.service.ray_serve import serve_on_ray
 
-            serve_on_ray(cfg, options, token)
+            serve_on_ray(cfg, options, access)
             return {}
         import uvicorn
 
@@ -90,7 +94,7 @@ def run_serve(cfg: DictConfig) -> dict[str, float]:
                 f"{cfg.serve['update'].every_events} logged records" if cfg.serve["update"].every_events else f"{cfg.serve['update'].every_seconds} s",
             )
         health = service.health()
-        app = create_app(service, token, cfg.serve.max_body_bytes)
+        app = create_app(service, access, cfg.serve.max_body_bytes)
         say(
             "serve: %s (model version %d, %d items, %d known users; log %s, offset %d)",
             bundle,

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 STATE_ACTOR = "towerrec-live-state"
 
 
-def app_builder(options: dict[str, Any], state_actor, admin_token: str | None, max_body_bytes: int):
+def app_builder(options: dict[str, Any], state_actor, access, max_body_bytes: int):
     """What each replica runs once: its own model, the shared live state, the app."""
 
     def build():
@@ -37,12 +37,12 @@ def app_builder(options: dict[str, Any], state_actor, admin_token: str | None, m
             torch.set_num_threads(threads)
         kwargs = {k: v for k, v in options.items() if k != "torch_threads"}
         service = Recommender(**kwargs, state=RemoteLiveState(state_actor))  # state_dir & co. go unused: the actor holds the state
-        return create_app(service, admin_token, max_body_bytes)
+        return create_app(service, access, max_body_bytes)
 
     return build
 
 
-def serve_on_ray(cfg: DictConfig, options: dict[str, Any], admin_token: str | None) -> None:
+def serve_on_ray(cfg: DictConfig, options: dict[str, Any], access) -> None:
     """Run the deployment until SIGINT/SIGTERM; shuts down what it started."""
     import ray
     from ray import serve
@@ -58,7 +58,7 @@ def serve_on_ray(cfg: DictConfig, options: dict[str, Any], admin_token: str | No
         )
         stats = ray.get(state_actor.stats.remote())
         serve.start(http_options={"host": v.host, "port": v.port})
-        ingress = serve.ingress(app_builder(options | {"torch_threads": v.torch_threads}, state_actor, admin_token, v.max_body_bytes))()
+        ingress = serve.ingress(app_builder(options | {"torch_threads": v.torch_threads}, state_actor, access, v.max_body_bytes))()
         deployment = serve.deployment(ingress, name="towerrec", num_replicas=v.replicas, ray_actor_options={"num_cpus": 0})
         serve.run(deployment.bind(), name="towerrec", route_prefix="/")
         say("serve: %s on Ray Serve, %d replica(s) (log %s, offset %d)", options["bundle_path"], v.replicas, stats["log"], stats["log_offset"])
