@@ -55,7 +55,7 @@ class BundleError(ValueError):
     """A bundle that cannot be read: names the file and what is wrong with it."""
 
     def __init__(self, path: str | Path, problem: str):
-        self.path = Path(path)
+        self.path, self.problem = Path(path), problem
         super().__init__(f"{path}: {problem}")
 
 
@@ -317,6 +317,10 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     for key in ("model_version", "files", "num_items", "inputs"):
         if key not in manifest:
             raise BundleError(path, f"lacks the key '{key}'")
+    inside = Path(folder).resolve()
+    for name in manifest["files"]:
+        if not isinstance(name, str) or Path(name).is_absolute() or not (inside / name).resolve().is_relative_to(inside):
+            raise BundleError(path, f"lists the file {name!r}, which is not inside the bundle")
     return manifest
 
 

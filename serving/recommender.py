@@ -235,10 +235,13 @@ class Recommender:
         fsync: bool = True,
         state: Any = None,
         user_cache_size: int = 100_000,
+        bundle_roots: Sequence[str | Path] | None = None,
     ):
         """``state``: a shared ``LiveState`` (or its Ray proxy); else one over ``state_dir``.
         ``user_cache_size``: user vectors kept, keyed by model snapshot and the history window
-        the user tower reads (an event or a reload changes the key: never stale); 0 = off."""
+        the user tower reads (an event or a reload changes the key: never stale); 0 = off.
+        ``bundle_roots``: the folders :meth:`reload` may load a bundle from (None: anywhere)."""
+        self.bundle_roots = None if bundle_roots is None else [Path(r).resolve() for r in bundle_roots]
         self.explain_window = explain_window
         self.user_cache_size = user_cache_size
         self._user_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
@@ -513,15 +516,18 @@ class Recommender:
         with self._reload_lock:
             path = self.bundle_path
             if bundle_path:
-                found = bundle_folder(bundle_path)
+                wanted = Path(bundle_path).resolve()
+                if self.bundle_roots is not None and not any(wanted.is_relative_to(root) for root in self.bundle_roots):
+                    raise ServiceError(403, "bundle: not under a folder this service may load bundles from (serve.bundle_roots)", "bundle")
+                found = bundle_folder(wanted)
                 if found is None:
-                    raise ServiceError(404, f"{bundle_path}: no model bundle there (a bundle folder or a run folder holding bundle/)", "bundle")
+                    raise ServiceError(404, "bundle: no model bundle there (a bundle folder or a run folder holding bundle/)", "bundle")
                 path = found.resolve()
             start = time.perf_counter()
             try:
                 fresh = _load_serving_model(path)
-            except BundleError as e:  # the old model keeps serving
-                raise ServiceError(422, str(e), "bundle") from None
+            except BundleError as e:  # the old model keeps serving; the reply names the bundle's file, not where it lives
+                raise ServiceError(422, f"bundle: {e.path.name} {e.problem}", "bundle") from None
             missing = [r for r in self.state.items_since(0) if fresh.index_of(r["item_id"]) is None]
             if missing:
                 self._add_to_model(fresh, missing)

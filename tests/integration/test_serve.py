@@ -249,8 +249,14 @@ def test_mmr_raises_intra_list_diversity_as_the_knob_rises(server, trained):
     assert means[-1] > means[0] + 0.05, means
 
 
+def test_reload_loads_only_from_the_bundle_roots_and_names_no_server_path(server, trained):
+    outside = server.post("/admin/reload", {"bundle": str(trained["pretrain"])})  # the bundle roots: <root>/outputs
+    assert outside.status_code == 403 and outside.json()["field"] == "bundle" and str(trained["root"]) not in outside.text
+    assert requests.get(server.url + "/healthz", timeout=10).json()["bundle"] == str(trained["run"] / "finetune" / "bundle")
+
+
 def test_reload_under_concurrent_load_fails_no_request(trained, tmp_path):
-    s = Server(trained["root"], trained["run"], tmp_path / "state").wait_ready()
+    s = Server(trained["root"], trained["run"], tmp_path / "state", f"serve.bundle_roots=[{trained['root']}]").wait_ready()
     try:
         user = a_user(trained, 1)
         errors, done = [], []

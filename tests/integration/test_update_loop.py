@@ -81,7 +81,7 @@ def test_an_update_learns_the_log_and_a_second_one_does_nothing(trained, tmp_pat
 
 def test_a_killed_update_leaves_the_served_model_intact(trained, tmp_path):
     state = tmp_path / "state"
-    server = Server(trained["root"], trained["run"], state).wait_ready()
+    server = Server(trained["root"], trained["run"], state, f"serve.bundle_roots=[{tmp_path}]").wait_ready()
     try:
         user = "i-will-be-updated"
         for item in ["i1", "i4", "i9", "i16"]:

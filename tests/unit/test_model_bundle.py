@@ -122,6 +122,17 @@ def test_a_newer_or_unknown_format_is_refused_naming_the_manifest(tmp_path):
         load_bundle(tmp_path / "elsewhere")
 
 
+def test_a_manifest_naming_a_file_outside_the_bundle_is_refused(tmp_path):
+    path, _ = write(tmp_path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    (tmp_path / "secret").write_text("not the bundle's")
+    record = next(iter(manifest["files"].values()))
+    for name in ("../secret", str(tmp_path / "secret")):
+        (path / MANIFEST).write_text(json.dumps(manifest | {"files": {**manifest["files"], name: record}}))
+        with pytest.raises(BundleError, match=rf"{MANIFEST}: lists the file '{name}', which is not inside the bundle"):
+            load_bundle(path)
+
+
 def test_a_truncated_or_damaged_file_is_named(tmp_path):
     path, _ = write(tmp_path)
     weights = path / WEIGHTS

@@ -372,6 +372,8 @@ class ServeConfig:
     keys_file: str | None = None
     # Host names the service answers to besides the loopback ones ('*': any)
     allowed_hosts: list[str] = field(default_factory=list)
+    # the folders POST /admin/reload may load a bundle from; null: paths.outputs_root
+    bundle_roots: list[str] | None = None
     state_dir: str | None = None  # the durable event/item log; null: <outputs_root>/serve/state
     max_history: int = 500  # live events kept per user in memory (all of them stay in the log)
     explain_window: int = 10  # how many recent history items explanations consider

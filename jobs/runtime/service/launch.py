@@ -54,6 +54,7 @@ def service_options(cfg: DictConfig, bundle: Path) -> dict:
         "reason_template": v.reason_template,
         "fsync": v.fsync,
         "user_cache_size": v.user_cache_size,
+        "bundle_roots": [str(Path(r).resolve()) for r in (v.bundle_roots if v.bundle_roots is not None else [cfg.paths.outputs_root])],
     }
 
 
