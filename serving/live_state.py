@@ -16,15 +16,23 @@ from typing import Any
 from serving.event_log import EventLog
 
 
+class DuplicateItemError(ValueError):
+    """A new item whose id was logged already (by this process or another replica)."""
+
+
 class LiveState:
-    """The durable log plus per-user live histories (bounded in memory; the log keeps all)."""
+    """The durable log plus per-user live histories (the last ``max_history`` events in memory
+    as the model's input; every item a user was seen with, for the ranking to remove)."""
 
     def __init__(self, state_dir: str | Path, max_history: int = 500, fsync: bool = True):
         self.log = EventLog(state_dir, fsync=fsync)
         self.max_history = max_history
         self._users: dict[str, deque[tuple[int, str]]] = {}
+        self._seen: dict[str, set[str]] = {}
         self._items: list[dict[str, Any]] = []
+        self._item_ids: set[str] = set()
         self._lock = threading.Lock()
+        self._append_lock = threading.Lock()  # a check and its append are one step
         for record in self.log.records():
             self._apply(record)
 
@@ -35,14 +43,25 @@ class LiveState:
                 if live is None:
                     live = self._users[record["user_id"]] = deque(maxlen=self.max_history)
                 live.append((record["offset"], record["item_id"]))
+                self._seen.setdefault(record["user_id"], set()).add(record["item_id"])
             elif record["kind"] == "item":
                 self._items.append(record)
+                self._item_ids.add(record["item_id"])
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Log a record durably, then apply it; returns it with its offset."""
-        record = self.log.append(kind, **fields)
-        self._apply(record)
+        """Log a record durably, then apply it; returns it with its offset. An item whose id
+        was logged before is refused (:class:`DuplicateItemError`), nothing written."""
+        with self._append_lock:
+            if kind == "item" and fields["item_id"] in self._item_ids:
+                raise DuplicateItemError(f"item_id {fields['item_id']!r} is already in the catalog")
+            record = self.log.append(kind, **fields)
+            self._apply(record)
         return record
+
+    def seen_items(self, user_id: str) -> set[str]:
+        """Every item the log holds an event of this user with (however long ago)."""
+        with self._lock:
+            return set(self._seen.get(user_id, ()))
 
     def live_events(self, user_id: str) -> list[tuple[int, str]]:
         """(offset, item_id) of the user's recent events, oldest first."""
@@ -81,6 +100,9 @@ class RemoteLiveState:
 
     def items_since(self, offset: int) -> list[dict[str, Any]]:
         return self._call("items_since", offset)
+
+    def seen_items(self, user_id: str) -> set[str]:
+        return self._call("seen_items", user_id)
 
     def stats(self) -> dict[str, Any]:
         return self._call("stats")

@@ -8,6 +8,7 @@ a reload. New items grow the serving snapshot under its write lock; requests hol
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -25,9 +26,12 @@ import torch
 from inference.bundle import BundleError, ModelBundle, bundle_folder, load_bundle
 from inference.faiss_index import build_index, search_unseen
 from serving.event_log import StateWriteError
-from serving.live_state import LiveState
+from serving.live_state import DuplicateItemError, LiveState
 
 log = logging.getLogger(__name__)
+
+
+MIN_TEMPERATURE = 0.01  # /generate: below it (and above 0) the softmax overflows
 
 
 class ServiceError(Exception):
@@ -155,6 +159,9 @@ class ServingModel:
     tokenizer: Any = None
     lock: ReadWriteLock = field(default_factory=ReadWriteLock)
     _index_of: dict[str, int] = field(default_factory=dict)
+    # this snapshot's number, never given to another (the user-vector cache's key; an id() is
+    # reused once a snapshot is freed)
+    snapshot: int = field(default_factory=itertools.count().__next__)
 
     @property
     def version(self) -> int:
@@ -301,6 +308,14 @@ class Recommender:
         found = stored + [m.index_of(item) for item in live]  # None: an item the model lacks
         return [i for i in found if i is not None], ["stored"] * len(stored) + ["live"] * len(live)
 
+    def _seen_beyond_history(self, m: ServingModel, user_id: str | None) -> set[int]:
+        """The items of every event logged for ``user_id``, also those older than the
+        ``max_history`` live events kept as the model's input: never recommended again."""
+        if user_id is None:
+            return set()
+        found = (m.index_of(item) for item in self.state.seen_items(user_id))
+        return {i for i in found if i is not None}
+
     def user_state(self, user_id: str) -> dict[str, Any]:
         m = self._model
         idx, sources = self.history_of(m, user_id, None)
@@ -309,7 +324,7 @@ class Recommender:
     # ---- model compute ------------------------------------------------------------------------
     def _user_vector(self, m: ServingModel, history: list[int]) -> np.ndarray:
         """One user's vector, from the cache when this model has seen this history window."""
-        key = (id(m), tuple(history[-m.bundle.max_seq_len :]))
+        key = (m.snapshot, tuple(history[-m.bundle.max_seq_len :]))
         if self.user_cache_size:
             with self._user_cache_lock:
                 hit = self._user_cache.get(key)
@@ -356,7 +371,7 @@ class Recommender:
                 raise ServiceError(422, "the history is empty", "history")
             if not 1 <= k <= m.num_items:
                 raise ServiceError(422, f"k must be in [1, {m.num_items}] (the catalog's size), got {k}", "k")
-            seen = set(hist)
+            seen = set(hist) | self._seen_beyond_history(m, user_id)
             for n, item in enumerate(exclude):
                 i = m.index_of(str(item))
                 if i is None:
@@ -421,6 +436,8 @@ class Recommender:
     ) -> dict[str, Any]:
         """A feed sampled item by item from the user tower's softmax over the catalog, each step
         conditioned on the history plus what was generated so far."""
+        if 0 < temperature < MIN_TEMPERATURE:  # logits / 1e-39 overflow: no distribution left to sample
+            raise ServiceError(422, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}", "temperature")
         self._sync_items()
         m = self._model
         generator = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**63))
@@ -431,6 +448,7 @@ class Recommender:
             banned = torch.zeros(m.num_items, dtype=torch.bool)
             if no_repeat:
                 banned[hist] = True
+                banned[list(self._seen_beyond_history(m, user_id))] = True
             if no_repeat and length > m.num_items - int(banned.sum()):
                 raise ServiceError(422, f"length {length} exceeds the {m.num_items - int(banned.sum())} items not yet seen", "length")
             vectors = torch.from_numpy(m.vectors)
@@ -477,6 +495,8 @@ class Recommender:
         nothing was recorded, and the next request may try again."""
         try:
             return self.state.append(kind, **fields)
+        except DuplicateItemError:  # logged by another replica since this one's check
+            raise ServiceError(409, f"item_id {fields['item_id']!r} is already in the catalog", "item_id") from None
         except StateWriteError as e:
             raise ServiceError(503, f"the {kind} was not recorded: the service's state could not be written; try again", None) from e
 
@@ -489,6 +509,10 @@ class Recommender:
                 raise ServiceError(409, f"item_id {item_id!r} is already in the catalog", "item_id")
             if m.tokenizer is None or m.bundle.model.item_tower.encoder is None:
                 raise ServiceError(422, "this model has no text tower: it cannot score an item from its text", "text")
+            try:  # what every restart will do with it, before it is made durable
+                m.tokenizer([text], truncation=True, max_length=m.max_text_tokens)
+            except Exception as e:  # the tokenizer's own error types vary (Rust, Python)
+                raise ServiceError(422, f"text: the item tower's tokenizer cannot encode it ({type(e).__name__})", "text") from None
             record = {"item_id": item_id, "text": text, "categories": list(categories), "title": title or text[:80]}
             logged = self._append("item", **record)  # durable first, then served
         self._sync_items()

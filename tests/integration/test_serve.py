@@ -401,3 +401,87 @@ def test_ray_serve_replicas_share_events_and_new_items(trained, tmp_path):
     from serving.event_log import read_log
 
     assert [(r["offset"], r["kind"]) for r in read_log(tmp_path / "state")] == [(0, "event"), (1, "item")]
+
+
+# ---- races and bounds: the concurrent POSTs end to end; the tests after it each failed on the
+# code before its fix
+def test_concurrent_posts_of_one_new_item_give_one_success_and_one_catalog_row(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.event_log import read_log
+
+    body = {"item_id": "posted-twice", "text": "barn sheep plough"}
+    with ThreadPoolExecutor(8) as pool:
+        codes = sorted(pool.map(lambda _: server.post("/items", body).status_code, range(8)))
+    assert codes == [200] + [409] * 7
+    n = requests.get(server.url + "/healthz", timeout=10).json()["items"]
+    items = [it["item_id"] for it in server.post("/recommend", {"history": ["i1"], "k": n - 1}).json()["items"]]
+    assert items.count("posted-twice") == 1
+    assert [r["item_id"] for r in read_log(server.state) if r["kind"] == "item"].count("posted-twice") == 1
+
+
+def test_seen_items_never_come_back_however_short_max_history(trained, tmp_path):
+    from serving.recommender import Recommender
+
+    service = Recommender(trained["finetune"], tmp_path / "state", max_history=2)
+    try:
+        watched = ["i3", "i5", "i8", "i13", "i21"]
+        for item in watched:
+            service.ingest("forgetful", item)
+        assert service.user_state("forgetful")["live_events"] == 2  # the model reads the last two only
+        rest = service.model.num_items - len(watched)
+        ranked = [it["item_id"] for it in service.recommend("forgetful", k=rest)["items"]]
+        assert len(ranked) == rest and not set(watched) & set(ranked)
+        feed = service.generate("forgetful", length=rest, seed=0)["items"]  # no_repeat
+        assert not set(watched) & {it["item_id"] for it in feed}
+    finally:
+        service.close()
+
+
+def test_user_vector_cache_keys_are_never_reused_by_a_later_snapshot(trained):
+    import gc
+
+    from serving.recommender import _load_serving_model
+
+    first = _load_serving_model(trained["finetune"])
+    key = first.snapshot
+    del first
+    gc.collect()  # with id() as the key, a later snapshot could take the freed one's
+    later = [_load_serving_model(trained["finetune"]) for _ in range(2)]
+    assert key not in {m.snapshot for m in later} and later[0].snapshot != later[1].snapshot
+
+
+def test_text_the_tokenizer_cannot_encode_is_refused_before_it_is_logged(trained, tmp_path):
+    from serving.event_log import read_log
+    from serving.recommender import Recommender, ServiceError
+
+    service = Recommender(trained["finetune"], tmp_path / "state")
+    try:  # a lone surrogate: JSON carries it, the tokenizer refuses it (over HTTP the request schema does)
+        with pytest.raises(ServiceError, match="tokenizer cannot encode it") as refused:
+            service.add_item("surrogate", "\ud800 lone")
+        assert refused.value.status == 422 and refused.value.field == "text"
+        assert service.add_item("fine", "barn sheep")["offset"] == 0
+    finally:
+        service.close()
+    assert [r["item_id"] for r in read_log(tmp_path / "state")] == ["fine"]
+    Recommender(trained["finetune"], tmp_path / "state").close()  # the next start works
+
+
+def test_the_state_refuses_a_second_record_of_one_item_id_whoever_sends_it(tmp_path):
+    from serving.live_state import DuplicateItemError, LiveState
+
+    state = LiveState(tmp_path / "state")  # what replicas share: their models may not have the item yet
+    try:
+        state.append("item", item_id="x", text="one")
+        with pytest.raises(DuplicateItemError, match="'x' is already in the catalog"):
+            state.append("item", item_id="x", text="two")
+        assert [r["text"] for r in state.items_since(0)] == ["one"] and state.log.next_offset == 1
+    finally:
+        state.close()
+
+
+def test_generate_refuses_a_temperature_that_overflows_the_softmax(server):
+    tiny = server.post("/generate", {"history": ["i1"], "length": 2, "temperature": 1e-39, "seed": 0})
+    assert tiny.status_code == 422 and tiny.json()["field"] == "temperature"
+    assert server.post("/generate", {"history": ["i1"], "length": 2, "temperature": 0.0}).status_code == 200
+    assert server.post("/generate", {"history": ["i1"], "length": 2, "temperature": 0.01, "seed": 0}).status_code == 200
