@@ -169,3 +169,62 @@ def test_the_id_embedding_grows_with_trained_rows_kept():
     assert torch.equal(weight[:5], small.item_tower.id_embedding.weight) and weight[5:].abs().sum() == 0
     with pytest.raises(RuntimeError):  # a catalog that shrank is no continuation
         TwoTowerModule(model(4)).load_pretrained(small.state_dict(), "small")
+
+
+def _scheduler(trained, tmp_path, timeout_s: float):
+    from jobs.runtime.service.update_schedule import UpdateScheduler
+
+    cfg = compose_config(
+        "serve",
+        [
+            *TINY,
+            f"serve.bundle={trained['bundle']}",
+            "serve.update.every_events=1",
+            f"serve.update.timeout_seconds={timeout_s}",
+            "serve.update.overrides=['launcher=local']",
+        ],
+        tmp_path,
+    )
+    service = Recommender(trained["bundle"], tmp_path / "state")
+    scheduler = UpdateScheduler(service, cfg, str(tmp_path / "state"), tmp_path / "run", poll_s=0.1)
+    service.ingest("someone", "i3")  # an update is due (serve.update.every_events=1)
+    return service, scheduler
+
+
+def test_an_update_past_its_timeout_is_killed_and_counted_failed(trained, tmp_path, caplog):
+    import re
+
+    import psutil
+
+    service, scheduler = _scheduler(trained, tmp_path, timeout_s=2.0)
+    try:
+        start = time.monotonic()
+        with caplog.at_level("ERROR", logger="jobs.runtime.service.update_schedule"):
+            scheduler.update_once()
+        assert time.monotonic() - start < 30  # killed at 2 s, not left to finish (an update takes longer)
+        assert service.update_stats["failures"] == 1 and service.update_stats["updates"] == 0 and service.model.version == 1
+        found = re.search(r"jobs.update \(pid (\d+)\) ran past serve.update.timeout_seconds=2.0 and was killed", caplog.text)
+        assert found, caplog.text
+        assert not psutil.pid_exists(int(found.group(1)))
+    finally:
+        service.close()
+
+
+def test_stopping_the_scheduler_ends_a_running_update(trained, tmp_path):
+    import psutil
+
+    service, scheduler = _scheduler(trained, tmp_path, timeout_s=600.0)
+    try:
+        scheduler.start()
+        deadline = time.monotonic() + 60
+        while scheduler.child is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = scheduler.child
+        assert child is not None, "no update started"
+        start = time.monotonic()
+        scheduler.stop()
+        assert not scheduler.is_alive() and time.monotonic() - start < 45
+        assert not psutil.pid_exists(child.pid)  # ended and reaped
+        assert service.update_stats["failures"] == 0 and service.model.version == 1
+    finally:
+        service.close()

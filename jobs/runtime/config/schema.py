@@ -352,6 +352,7 @@ class ServeUpdateConfig:
     every_events: int | None = None  # run jobs.update once this many records were logged since the last one
     every_seconds: float | None = None  # or this often (when anything was logged)
     overrides: list[str] = field(default_factory=list)  # extra overrides for jobs.update (hardware, strategy, update.*)
+    timeout_seconds: float = 3600.0  # an update running longer is killed (counted as a failure)
 
 
 @dataclass
@@ -654,6 +655,8 @@ def _validate_serve(cfg: DictConfig, fail) -> None:
         fail("serve.update.every_events", f"must be >= 1 or null, got {schedule.every_events}")
     if schedule.every_seconds is not None and schedule.every_seconds <= 0:
         fail("serve.update.every_seconds", f"must be > 0 or null, got {schedule.every_seconds}")
+    if schedule.timeout_seconds <= 0:
+        fail("serve.update.timeout_seconds", f"must be > 0, got {schedule.timeout_seconds}")
     if (schedule.every_events or schedule.every_seconds) and _value(v.backend) != "local":
         fail("serve.update", "scheduled updates run with serve.backend=local only (with Ray Serve, run jobs.update and POST /admin/reload)")
 

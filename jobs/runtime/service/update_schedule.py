@@ -1,12 +1,16 @@
 """Incremental updates on a schedule, run by the service (``serve.update.every_events`` or
 ``every_seconds``): ``jobs.update`` in a child process on the service's own log, then a hot
 reload of the new bundle (no request fails meanwhile: the old model serves until the new one is
-ready). A failed or killed update leaves the served model as it was; the next one retries."""
+ready). A failed or killed update leaves the served model as it was; the next one retries. An
+update that runs past ``serve.update.timeout_seconds`` is killed (its whole process group) and
+counted as failed; stopping the scheduler ends a running update the same way."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +31,8 @@ class UpdateScheduler(threading.Thread):
         self.service, self.state_dir, self.run_dir, self.poll_s = service, state_dir, Path(run_dir), poll_s
         self.every_events, self.every_seconds = schedule.every_events, schedule.every_seconds
         self.overrides = list(schedule.overrides)
+        self.timeout_s = schedule.timeout_seconds
+        self.child: subprocess.Popen | None = None
         self.paths = {k: str(cfg.paths[k]) for k in ("root_dir", "data_dir", "cache_dir", "outputs_root")}
         self.experiment = cfg.experiment_name
         self.stop_event = threading.Event()
@@ -66,7 +72,11 @@ class UpdateScheduler(threading.Thread):
             log_path = self.run_dir / "updates" / "jobs.update.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a") as out:
-                code = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT).returncode
+                pid, code = self._run_child(args, out)
+            if self.stop_event.is_set():
+                raise RuntimeError(f"the service is stopping; jobs.update (pid {pid}) was ended")
+            if code is None:
+                raise RuntimeError(f"jobs.update (pid {pid}) ran past serve.update.timeout_seconds={self.timeout_s} and was killed; see {log_path}")
             if code != 0 or not result_file.is_file():
                 raise RuntimeError(f"jobs.update exited with {code}; see {log_path}")
             result = json.loads(result_file.read_text())
@@ -83,10 +93,48 @@ class UpdateScheduler(threading.Thread):
                 stats["last_start_to_serving_seconds"] = time.perf_counter() - start
                 log.info("update: serving model version %d from %s", self.service.model.version, result["bundle"])
         except Exception as e:  # noqa: BLE001 - the service keeps serving the model it has; counted and logged
+            if self.stop_event.is_set():
+                log.info("update ended: the service is stopping; still serving model version %d", self.service.model.version)
+                return
             stats["failures"] += 1
             log.error("update failed, still serving model version %d: %s", self.service.model.version, e)
         finally:
             stats["running"] = 0
 
-    def stop(self) -> None:
+    def _run_child(self, args: list[str], out) -> tuple[int, int | None]:
+        """The update's pid and exit code; None when it ran past the timeout or the scheduler
+        stopped (then it was ended)."""
+        self.child = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while True:
+                try:
+                    return self.child.pid, self.child.wait(timeout=min(self.poll_s, max(0.0, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    if self.stop_event.is_set() or time.monotonic() >= deadline:
+                        self._end_child()
+                        return self.child.pid, None
+        finally:
+            self.child = None
+
+    def _end_child(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to the update's process group (it and what it started), SIGKILL after ``grace_s``."""
+        child = self.child
+        if child is None or child.poll() is not None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
+            try:
+                os.killpg(child.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                child.wait(timeout=wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop scheduling; a running update is ended; returns once the thread finished."""
         self.stop_event.set()
+        if self.is_alive():
+            self.join(timeout=timeout_s)
