@@ -208,6 +208,10 @@ def create_app(service: Recommender, access: Access | None = None, max_body_byte
     def user(user_id: str) -> dict[str, Any]:
         return service.user_state(user_id)
 
+    @app.delete("/users/{user_id}")
+    def forget(user_id: str) -> dict[str, Any]:
+        return service.forget_user(user_id)
+
     @app.post("/items")
     def add_item(body: ItemRequest) -> dict[str, Any]:
         out = service.add_item(body.item_id, body.text, body.categories, body.title)

@@ -10,13 +10,20 @@ new item comes after that item). One service writes a state folder: a second is 
 first holds ``writer.lock``. Readers (``jobs.update``, ``read_log``) open the database read-only,
 beside the writer, and read by offset without loading the rest.
 
+A user can be forgotten (:meth:`EventLog.forget`): their events are erased in place (the rows
+keep their offsets, kind ``erased``, no fields), a ``forget`` record holding only the SHA-256 of
+the user id is appended for ``jobs.update`` and later training to exclude them, and the deleted
+bytes are overwritten (``secure_delete``) and the write-ahead log emptied, so the id is nowhere
+in the files.
+
 A state folder from before (``log.jsonl``, one JSON object per line) is imported on the first
-open, offsets kept, and the file renamed ``log.jsonl.imported``.
+open, offsets kept, and the file removed once the import is committed.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +38,16 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.sqlite"
 LOCK_FILE = "writer.lock"
 LEGACY_LOG = "log.jsonl"
-SCHEMA = "CREATE TABLE IF NOT EXISTS records (offset INTEGER PRIMARY KEY, kind TEXT NOT NULL, fields TEXT NOT NULL)"
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS records (offset INTEGER PRIMARY KEY, kind TEXT NOT NULL, fields TEXT NOT NULL, user_id TEXT);"
+    "CREATE INDEX IF NOT EXISTS records_user ON records (user_id) WHERE user_id IS NOT NULL"
+)
+FORGET, ERASED = "forget", "erased"
+
+
+def user_hash(user_id: str) -> str:
+    """How a forgotten user is named in the log: never by the id itself."""
+    return hashlib.sha256(user_id.encode()).hexdigest()
 
 
 class EventLogError(ValueError):
@@ -114,7 +130,8 @@ class EventLog:
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
-            self._conn.execute(SCHEMA)
+            self._conn.execute("PRAGMA secure_delete=ON")  # what a forget removes is overwritten, not left in free pages
+            self._conn.executescript(SCHEMA)
             self._import_legacy()
             count, top = self._conn.execute("SELECT COUNT(*), MAX(offset) FROM records").fetchone()
         except sqlite3.DatabaseError as e:
@@ -146,15 +163,23 @@ class EventLog:
         legacy = self.folder / LEGACY_LOG
         if not legacy.is_file() or self._conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]:
             return
-        rows = [(r["offset"], r["kind"], json.dumps({k: v for k, v in r.items() if k not in ("offset", "kind")})) for r in _read_jsonl(legacy)]
-        for expected, (offset, _, _) in enumerate(rows):
+        rows = [
+            (
+                r["offset"],
+                r["kind"],
+                json.dumps({k: v for k, v in r.items() if k not in ("offset", "kind")}),
+                r.get("user_id") if r["kind"] == "event" else None,
+            )
+            for r in _read_jsonl(legacy)
+        ]
+        for expected, (offset, *_) in enumerate(rows):
             if offset != expected:
                 raise EventLogError(f"{legacy}: offsets must run 0, 1, 2, ...; found {offset} where {expected} belongs")
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.executemany("INSERT INTO records (offset, kind, fields) VALUES (?, ?, ?)", rows)
-        legacy.rename(legacy.with_name(LEGACY_LOG + ".imported"))
-        log.warning("%s: imported %d records into %s (the file is kept as %s.imported)", legacy, len(rows), self.path, LEGACY_LOG)
+            self._conn.executemany("INSERT INTO records (offset, kind, fields, user_id) VALUES (?, ?, ?, ?)", rows)
+        legacy.unlink()  # committed: a copy left behind would keep what a forget erases
+        log.warning("%s: imported %d records into %s (the file was removed)", legacy, len(rows), self.path)
 
     @property
     def next_offset(self) -> int:
@@ -174,11 +199,32 @@ class EventLog:
             try:
                 with self._conn:  # BEGIN ... COMMIT, or ROLLBACK on an error
                     self._conn.execute("BEGIN IMMEDIATE")
-                    self._conn.execute("INSERT INTO records (offset, kind, fields) VALUES (?, ?, ?)", (offset, kind, body))
+                    self._conn.execute(
+                        "INSERT INTO records (offset, kind, fields, user_id) VALUES (?, ?, ?, ?)",
+                        (offset, kind, body, fields.get("user_id") if kind == "event" else None),
+                    )
             except sqlite3.Error as e:
                 raise StateWriteError(f"{self.path}: the record was not written ({e}); nothing was recorded") from e
             self._next = offset + 1
         return {"offset": offset, "kind": kind, **fields}
+
+    def forget(self, user_id: str) -> tuple[dict[str, Any], int]:
+        """Erase every event of ``user_id`` and append a ``forget`` record (the id's hash only),
+        in one transaction; then empty the write-ahead log. Returns the record and the number of
+        events erased."""
+        record_fields = {"user_hash": user_hash(user_id)}
+        with self._lock:
+            offset = self._next
+            try:
+                with self._conn:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    erased = self._conn.execute("UPDATE records SET kind = ?, fields = '{}', user_id = NULL WHERE user_id = ?", (ERASED, user_id)).rowcount
+                    self._conn.execute("INSERT INTO records (offset, kind, fields) VALUES (?, ?, ?)", (offset, FORGET, json.dumps(record_fields)))
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the pages as they were, with the id, leave the WAL
+            except sqlite3.Error as e:
+                raise StateWriteError(f"{self.path}: the user was not forgotten ({e}); nothing was changed") from e
+            self._next = offset + 1
+        return {"offset": offset, "kind": FORGET, **record_fields}, erased
 
     def close(self) -> None:
         with self._lock:

@@ -13,7 +13,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from serving.event_log import EventLog
+from serving.event_log import FORGET, EventLog, user_hash
 
 
 class DuplicateItemError(ValueError):
@@ -31,6 +31,7 @@ class LiveState:
         self._seen: dict[str, set[str]] = {}
         self._items: list[dict[str, Any]] = []
         self._item_ids: set[str] = set()
+        self._forgotten: dict[str, int] = {}  # user hash -> offset of the latest forget
         self._lock = threading.Lock()
         self._append_lock = threading.Lock()  # a check and its append are one step
         for record in self.log.records():
@@ -47,6 +48,8 @@ class LiveState:
             elif record["kind"] == "item":
                 self._items.append(record)
                 self._item_ids.add(record["item_id"])
+            elif record["kind"] == FORGET:
+                self._forgotten[record["user_hash"]] = record["offset"]
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Log a record durably, then apply it; returns it with its offset. An item whose id
@@ -57,6 +60,22 @@ class LiveState:
             record = self.log.append(kind, **fields)
             self._apply(record)
         return record
+
+    def forget(self, user_id: str) -> dict[str, Any]:
+        """Erase the user's events from the log and from memory; returns the forget's offset and
+        how many events were erased."""
+        with self._append_lock:
+            record, erased = self.log.forget(user_id)
+            with self._lock:
+                self._users.pop(user_id, None)
+                self._seen.pop(user_id, None)
+            self._apply(record)
+        return {"offset": record["offset"], "erased_events": erased}
+
+    def forgotten_at(self, user_id: str) -> int | None:
+        """The log offset at which ``user_id`` was last forgotten (None: never)."""
+        with self._lock:
+            return self._forgotten.get(user_hash(user_id))
 
     def seen_items(self, user_id: str) -> set[str]:
         """Every item the log holds an event of this user with (however long ago)."""
@@ -103,6 +122,12 @@ class RemoteLiveState:
 
     def seen_items(self, user_id: str) -> set[str]:
         return self._call("seen_items", user_id)
+
+    def forget(self, user_id: str) -> dict[str, Any]:
+        return self._call("forget", user_id)
+
+    def forgotten_at(self, user_id: str) -> int | None:
+        return self._call("forgotten_at", user_id)
 
     def stats(self) -> dict[str, Any]:
         return self._call("stats")

@@ -300,6 +300,9 @@ class Recommender:
             raise ServiceError(422, "give a user_id or a history", "user_id")
         stored: list[int] = []
         u = m.bundle.users.index_of(user_id)
+        forgotten = self.state.forgotten_at(user_id)
+        if forgotten is not None and forgotten >= m.consumed_offset:  # forgotten since this bundle was made: its history is not used
+            u = None
         if u is not None:
             stored = m.bundle.users.histories[u].tolist()
         live = [item for offset, item in self.state.live_events(user_id) if offset >= m.consumed_offset]
@@ -499,6 +502,17 @@ class Recommender:
             raise ServiceError(409, f"item_id {fields['item_id']!r} is already in the catalog", "item_id") from None
         except StateWriteError as e:
             raise ServiceError(503, f"the {kind} was not recorded: the service's state could not be written; try again", None) from e
+
+    def forget_user(self, user_id: str) -> dict[str, Any]:
+        """Erase the user's events from the live state and the log, and stop using their stored
+        history; the next ``jobs.update`` drops them from the bundle's tables."""
+        try:
+            out = self.state.forget(user_id)
+        except StateWriteError as e:
+            raise ServiceError(503, "the user was not forgotten: the service's state could not be written; try again", None) from e
+        with self._user_cache_lock:  # vectors computed from their histories
+            self._user_cache.clear()
+        return {"user_id": user_id, **out}
 
     def add_item(self, item_id: str, text: str, categories: Sequence[str] = (), title: str | None = None) -> dict[str, Any]:
         """Encode a new item from its text and make it recommendable at once (durably logged)."""

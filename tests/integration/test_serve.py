@@ -332,6 +332,7 @@ ENDPOINTS = [
     ("get", "/healthz", "read", None),
     ("post", "/events", "write", {"user_id": "guarded-user", "item_id": "i2"}),
     ("get", "/users/guarded-user", "admin", None),
+    ("delete", "/users/nobody-to-forget", "admin", None),
     ("post", "/items", "admin", {"item_id": "guarded", "text": "barn sheep"}),
     ("get", "/metrics", "admin", None),
     ("get", "/openapi.json", "admin", None),
@@ -485,3 +486,13 @@ def test_generate_refuses_a_temperature_that_overflows_the_softmax(server):
     assert tiny.status_code == 422 and tiny.json()["field"] == "temperature"
     assert server.post("/generate", {"history": ["i1"], "length": 2, "temperature": 0.0}).status_code == 200
     assert server.post("/generate", {"history": ["i1"], "length": 2, "temperature": 0.01, "seed": 0}).status_code == 200
+
+
+def test_delete_user_forgets_them_over_http(server, trained):
+    user = a_user(trained, 5)
+    assert server.post("/events", {"user_id": user, "item_id": "i4"}).status_code == 200
+    live = requests.get(server.url + f"/users/{user}", timeout=10).json()["live_events"]  # earlier tests' events too
+    gone = requests.delete(server.url + f"/users/{user}", timeout=30)
+    assert gone.status_code == 200 and gone.json()["erased_events"] == live >= 1
+    assert requests.get(server.url + f"/users/{user}", timeout=10).status_code == 404
+    assert server.post("/recommend", {"user_id": user, "k": 2}).status_code == 404

@@ -228,3 +228,37 @@ def test_stopping_the_scheduler_ends_a_running_update(trained, tmp_path):
         assert service.update_stats["failures"] == 0 and service.model.version == 1
     finally:
         service.close()
+
+
+def test_a_forgotten_user_leaves_the_service_at_once_and_the_next_bundle_entirely(trained, tmp_path):
+    import pandas as pd
+
+    from inference.bundle import load_bundle
+    from serving.recommender import ServiceError
+
+    service = Recommender(trained["bundle"], tmp_path / "state")
+    user = str(service.model.bundle.users.user_ids[3])  # trained on, with a stored history
+    try:
+        for item in ["i1", "i2"]:
+            service.ingest(user, item)
+            service.ingest("neighbour", item)
+        assert service.forget_user(user) == {"user_id": user, "offset": 4, "erased_events": 2}
+        for ask in (lambda: service.user_state(user), lambda: service.recommend(user_id=user, k=3)):
+            with pytest.raises(ServiceError, match="unknown user_id") as gone:
+                ask()
+            assert gone.value.status == 404
+        assert service.user_state("neighbour")["live_events"] == 2
+
+        metrics = run_update(update_cfg(trained, tmp_path / "state", tmp_path, "update.min_events=100"))  # the forget alone is reason to update
+        assert metrics["update/noop"] == 0 and metrics["update/forgotten_users"] == 1 and metrics["update/events"] == 2
+        run = next((tmp_path / "outputs" / "update").glob("*-v2-*"))
+        bundle = load_bundle(run / "bundle")
+        parent_users = {str(u) for u in service.model.bundle.users.user_ids}
+        assert user not in {str(u) for u in bundle.users.user_ids} and parent_users - {user} <= {str(u) for u in bundle.users.user_ids}
+        raw = pd.read_parquet(run / "raw" / "interactions.parquet")  # what the update trained on
+        assert len(raw) and user not in set(raw["user_id"].astype(str))
+        service.reload(run / "bundle")
+        service.ingest(user, "i9")  # back later: a new user, from nothing
+        assert service.user_state(user)["history"] == ["i9"]
+    finally:
+        service.close()

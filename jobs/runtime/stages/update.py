@@ -32,7 +32,7 @@ from jobs.runtime.config.schema import validate
 from jobs.runtime.tracking.console import say
 from jobs.runtime.training.checkpoints import restore_config
 from jobs.runtime.training.stage_job import run_stage_job
-from serving.event_log import read_log, state_file
+from serving.event_log import FORGET, read_log, state_file, user_hash
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,16 @@ def update_data(parent, records: list[dict], replay_fraction: float, seed: int) 
     )
     histories = {str(u): [item_ids[i] for i in h] for u, h in zip(parent.users.user_ids, parent.users.histories)}
     active: set[str] = set()
-    for r in records:
+    by_hash = {user_hash(u): u for u in histories} if any(r["kind"] == FORGET for r in records) else {}
+    for r in records:  # in log order: a user forgotten, then back, starts again from nothing
         if r["kind"] == "event":
             histories.setdefault(r["user_id"], []).append(r["item_id"])
             active.add(r["user_id"])
+        elif r["kind"] == FORGET:
+            forgotten = by_hash.get(r["user_hash"])  # their logged events were erased at the forget
+            if forgotten is not None:
+                histories.pop(forgotten, None)
+                active.discard(forgotten)
     rng = np.random.default_rng(seed)
     chosen = [u for u in histories if u in active or rng.random() < replay_fraction]
     users, items_col, stamps = [], [], []
@@ -109,8 +115,9 @@ def run_update(cfg: DictConfig) -> dict[str, float]:
     records = list(read_log(state_dir, start))
     events = sum(r["kind"] == "event" for r in records)
     items = sum(r["kind"] == "item" for r in records)
+    forgets = sum(r["kind"] == FORGET for r in records)  # a forgotten user must leave the bundle: reason enough to update
     result: dict[str, object] = {"bundle": str(parent_path), "noop": True, "parent": str(parent_path)}
-    if events < cfg["update"].min_events and not items:
+    if events < cfg["update"].min_events and not items and not forgets:
         say(
             "update: %d new event(s) in %s since offset %d (update.min_events=%d): nothing to do; %s stays",
             events,
@@ -162,6 +169,7 @@ def run_update(cfg: DictConfig) -> dict[str, float]:
             "log_offset_consumed": end,
             "events": events,
             "new_items": items,
+            "forgotten_users": forgets,
             "init_from": str(parent_path),
         }
         save_bundle(
@@ -184,6 +192,7 @@ def run_update(cfg: DictConfig) -> dict[str, float]:
             **{f"train/{k}" if not k.startswith(("val/", "train/")) else k: v for k, v in metrics.items()},
             "update/seconds": seconds,
             "update/events": float(events),
+            "update/forgotten_users": float(forgets),
             "update/new_items": float(items),
             "update/model_version": float(version),
             "update/noop": 0.0,
