@@ -124,7 +124,9 @@ ROLES = (
     ("RayTrainWorker", "train_worker"),
     ("UserPart", "user_actor"),
     ("CatalogPart", "item_actor"),
-    ("build_index_files", "index_task"),
+    ("train_index_file", "index_task"),  # the index's tasks (jobs/runtime/stages/sharded_inference.py)
+    ("add_index_shard", "index_task"),
+    ("join_text_file", "index_task"),
     ("ray::IDLE", "idle_worker"),
 )
 

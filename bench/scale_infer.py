@@ -37,7 +37,8 @@ TOP_K = 100
 DEFAULT_CONFIGS = [(100_000, 100_000), (100_000, 1_000_000), (1_000_000, 1_000_000)]
 QUICK_CONFIGS = [(2_000, 3_000)]
 PATHS = ("local", "ray1", "ray2", "sharded2")  # sharded2: infer.sharded=true on 2 actors
-ACTORS = ("CatalogEmbedder", "UserEmbedder", "CatalogPart", "UserPart", "build_index_files")  # inference's Ray processes
+# inference's Ray processes: actor classes and the index's tasks
+ACTORS = ("CatalogEmbedder", "UserEmbedder", "CatalogPart", "UserPart", "train_index_file", "add_index_shard", "join_text_file")
 # the tiny model of conf/model/tiny.yaml and the synthetic data's shape (histories of 5..15 items)
 TINY_MODEL = {"dim": 32, "hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "max_text_tokens": 24, "n_layer": 2, "n_head": 2}
 HISTORY = {"min_len": 5, "max_len": 15}

@@ -77,3 +77,14 @@ def test_the_cluster_stage_names_processes_by_their_ray_title_and_checks_uss_slo
     assert fitted["train/driver"]["uss_slope"] == pytest.approx(0.0, abs=1e-9) and fitted["train/driver"]["within"]
     assert fitted["train/train_worker"]["bound"] == 0.15 and not fitted["train/train_worker"]["within"]
     assert "| train/train_worker | 5,000,000, 20,000,000, 100,000,000 |" in sc.table(rows)
+
+
+def test_the_benches_name_processes_the_inference_code_still_defines():
+    import scale_cluster
+    import scale_infer
+
+    from jobs.runtime.stages import batch_inference, sharded_inference
+
+    defined = set(vars(sharded_inference)) | set(vars(batch_inference))
+    named = set(scale_infer.ACTORS) | {key for key, role in scale_cluster.ROLES if role in ("user_actor", "item_actor", "index_task")}
+    assert named and named <= defined, sorted(named - defined)  # a renamed task would drop out of the memory tables
