@@ -64,6 +64,31 @@ class ReloadRequest(_Body):
     bundle: str | None = Field(default=None, max_length=4096)
 
 
+class ErrorBody(BaseModel):
+    """What every refused request gets back."""
+
+    error: str
+    field: str | None = None
+
+
+ERROR_MEANINGS = {
+    400: "malformed JSON, or a Host this service does not answer to (field: host)",
+    401: "keys are configured and the request has none, or an unknown one",
+    403: "the key's scope is too low (or, for /admin/reload, the bundle is outside serve.bundle_roots)",
+    404: "an unknown user_id or item_id",
+    409: "the item_id is already in the catalog",
+    413: "the body is over serve.max_body_bytes",
+    422: "a field with a wrong value or type, or an unknown field",
+    503: "the service's state could not be written; nothing was recorded, try again",
+}
+
+
+def refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI responses of a route: the refusals every route can give (Host, keys) and ``codes``."""
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}  # JSON also where the route answers text
+    return {code: {"model": ErrorBody, "description": ERROR_MEANINGS[code], "content": body} for code in (400, 401, 403, *codes)}
+
+
 class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` gets 413 before the app reads it."""
 
@@ -176,14 +201,14 @@ def create_app(service: Recommender, access: Access | None = None, max_body_byte
             return JSONResponse({"error": f"unknown field '{field}'", "field": field}, status_code=422)
         return JSONResponse({"error": f"{field}: {first['msg']}", "field": field}, status_code=422)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=refusals())
     def healthz(request: Request) -> dict[str, Any]:
         health = service.health()
         if request.state.scope not in ("open", "admin"):  # where the files live is for admins
             health = {k: v for k, v in health.items() if k not in ("bundle", "log")}
         return health
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse, responses=refusals())
     def metrics() -> PlainTextResponse:
         m = service.model
         version.set(m.version)
@@ -194,35 +219,35 @@ def create_app(service: Recommender, access: Access | None = None, max_body_byte
                 updates.labels(outcome).set(service.update_stats[outcome])
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/recommend")
+    @app.post("/recommend", responses=refusals(404, 413, 422))
     def recommend(body: RecommendRequest) -> dict[str, Any]:
         return service.recommend(body.user_id, body.history, body.k, body.exclude, body.diversity, body.explain)
 
-    @app.post("/events")
+    @app.post("/events", responses=refusals(404, 413, 422, 503))
     def ingest(body: EventRequest) -> dict[str, Any]:
         out = service.ingest(body.user_id, body.item_id, body.ts)
         events.inc()
         return out
 
-    @app.get("/users/{user_id}")
+    @app.get("/users/{user_id}", responses=refusals(404, 422))
     def user(user_id: str) -> dict[str, Any]:
         return service.user_state(user_id)
 
-    @app.delete("/users/{user_id}")
+    @app.delete("/users/{user_id}", responses=refusals(422, 503))
     def forget(user_id: str) -> dict[str, Any]:
         return service.forget_user(user_id)
 
-    @app.post("/items")
+    @app.post("/items", responses=refusals(409, 413, 422, 503))
     def add_item(body: ItemRequest) -> dict[str, Any]:
         out = service.add_item(body.item_id, body.text, body.categories, body.title)
         items_added.inc()
         return out
 
-    @app.post("/generate")
+    @app.post("/generate", responses=refusals(404, 413, 422))
     def generate(body: GenerateRequest) -> dict[str, Any]:
         return service.generate(body.user_id, body.history, body.length, body.temperature, body.top_p, body.no_repeat, body.seed, body.diversity)
 
-    @app.post("/admin/reload")
+    @app.post("/admin/reload", responses=refusals(404, 413, 422))
     def reload(body: ReloadRequest | None = None) -> dict[str, Any]:
         return service.reload(body.bundle if body else None)
 

@@ -496,3 +496,26 @@ def test_delete_user_forgets_them_over_http(server, trained):
     assert gone.status_code == 200 and gone.json()["erased_events"] == live >= 1
     assert requests.get(server.url + f"/users/{user}", timeout=10).status_code == 404
     assert server.post("/recommend", {"user_id": user, "k": 2}).status_code == 404
+
+
+def test_the_api_description_documents_every_refusal_with_its_body(server):
+    spec = requests.get(server.url + "/openapi.json", timeout=10).json()
+    every = {"400", "401", "403"}
+    expected = {
+        ("get", "/healthz"): every,
+        ("get", "/metrics"): every,
+        ("post", "/recommend"): every | {"404", "413", "422"},
+        ("post", "/generate"): every | {"404", "413", "422"},
+        ("post", "/events"): every | {"404", "413", "422", "503"},
+        ("get", "/users/{user_id}"): every | {"404", "422"},
+        ("delete", "/users/{user_id}"): every | {"422", "503"},
+        ("post", "/items"): every | {"409", "413", "422", "503"},
+        ("post", "/admin/reload"): every | {"404", "413", "422"},
+    }
+    assert {(m, p) for p, ops in spec["paths"].items() for m in ops} == set(expected)
+    for (method, path), codes in expected.items():
+        responses = spec["paths"][path][method]["responses"]
+        assert set(responses) == codes | {"200"}, (method, path)
+        for code in codes:
+            assert responses[code]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, code)
+    assert set(spec["components"]["schemas"]["ErrorBody"]["properties"]) == {"error", "field"}
