@@ -77,23 +77,29 @@ def _record(path: Path, offset: int, kind: str, fields: str) -> dict[str, Any]:
     return {"offset": offset, "kind": kind, **body}
 
 
-def _rows(conn: sqlite3.Connection, path: Path, start: int) -> Iterator[dict[str, Any]]:
+def _rows(conn: sqlite3.Connection, path: Path, start: int, kinds: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
+    where = "offset >= ?"
+    args: list[object] = [start]
+    if kinds is not None:
+        where += f" AND kind IN ({', '.join('?' * len(kinds))})"
+        args += list(kinds)
     try:
-        for offset, kind, fields in conn.execute("SELECT offset, kind, fields FROM records WHERE offset >= ? ORDER BY offset", (start,)):
+        for offset, kind, fields in conn.execute(f"SELECT offset, kind, fields FROM records WHERE {where} ORDER BY offset", args):
             yield _record(path, offset, kind, fields)
     except sqlite3.DatabaseError as e:
         raise EventLogError(f"{path}: {e} (check it with: sqlite3 {path} 'PRAGMA integrity_check')") from e
 
 
-def read_log(folder: str | Path, start: int = 0) -> Iterator[dict[str, Any]]:
-    """Every record of the state folder ``folder`` with offset >= ``start``, in order, read-only
-    (beside a running service); nothing when the folder has no log yet."""
+def read_log(folder: str | Path, start: int = 0, kinds: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
+    """Every record (of ``kinds``, default all) of the state folder ``folder`` with offset >=
+    ``start``, in order, read-only (beside a running service); nothing when the folder has no log
+    yet."""
     path = state_file(folder)
     if not path.is_file():
         return
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        yield from _rows(conn, path, start)
+        yield from _rows(conn, path, start, kinds)
     finally:
         conn.close()
 
@@ -185,9 +191,19 @@ class EventLog:
     def next_offset(self) -> int:
         return self._next
 
-    def records(self, start: int = 0) -> Iterator[dict[str, Any]]:
-        """The records from offset ``start`` on, read from the database a row at a time."""
-        return read_log(self.folder, start)
+    def records(self, start: int = 0, kinds: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
+        """The records (of ``kinds``, default all) from offset ``start`` on, read from the
+        database a row at a time."""
+        return read_log(self.folder, start, kinds)
+
+    def user_events(self, user_id: str) -> list[tuple[int, str]]:
+        """(offset, item_id) of every event of ``user_id``, in order (the user index)."""
+        with self._lock:
+            try:
+                rows = self._conn.execute("SELECT offset, fields FROM records WHERE user_id = ? ORDER BY offset", (user_id,)).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise EventLogError(f"{self.path}: {e} (check it with: sqlite3 {self.path} 'PRAGMA integrity_check')") from e
+        return [(offset, _record(self.path, offset, "event", fields)["item_id"]) for offset, fields in rows]
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Write one record durably (committed, fsync'ed with ``fsync``) and return it with its

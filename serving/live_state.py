@@ -1,5 +1,7 @@
 """What the service learned live, shared by everything that serves: the durable log (events and
-new items, serving/event_log.py) and, from it, each user's recent events in memory.
+new items, serving/event_log.py) and, from it, the users' recent events in memory: at most
+``max_users`` users, the least recently used evicted and read back from the log (by its user
+index) when asked for again. A start reads only the new items and forgets, not the events.
 
 One process serves from a ``LiveState`` directly; Ray Serve replicas share one through a Ray
 actor (``RemoteLiveState``), so an event ingested by one replica is in the next answer of every
@@ -9,7 +11,7 @@ other, and the log has one writer.
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +26,44 @@ class LiveState:
     """The durable log plus per-user live histories (the last ``max_history`` events in memory
     as the model's input; every item a user was seen with, for the ranking to remove)."""
 
-    def __init__(self, state_dir: str | Path, max_history: int = 500, fsync: bool = True):
+    def __init__(self, state_dir: str | Path, max_history: int = 500, fsync: bool = True, max_users: int = 100_000):
         self.log = EventLog(state_dir, fsync=fsync)
-        self.max_history = max_history
-        self._users: dict[str, deque[tuple[int, str]]] = {}
-        self._seen: dict[str, set[str]] = {}
+        self.max_history, self.max_users = max_history, max_users
+        # user -> (the last max_history (offset, item_id) events, every item of their events)
+        self._users: OrderedDict[str, tuple[deque[tuple[int, str]], set[str]]] = OrderedDict()
         self._items: list[dict[str, Any]] = []
         self._item_ids: set[str] = set()
         self._forgotten: dict[str, int] = {}  # user hash -> offset of the latest forget
         self._lock = threading.Lock()
         self._append_lock = threading.Lock()  # a check and its append are one step
-        for record in self.log.records():
+        for record in self.log.records(kinds=("item", FORGET)):  # events are read per user, when asked for
             self._apply(record)
+
+    def _user(self, user_id: str) -> tuple[deque[tuple[int, str]], set[str]] | None:
+        """The user's live events and seen items, from memory or else the log; None for a user
+        without events (never cached: strangers take no memory). Called holding ``_lock``."""
+        entry = self._users.get(user_id)
+        if entry is not None:
+            self._users.move_to_end(user_id)
+            return entry
+        events = self.log.user_events(user_id)
+        if not events:
+            return None
+        entry = (deque(events, maxlen=self.max_history), {item for _, item in events})
+        self._users[user_id] = entry
+        while len(self._users) > self.max_users:
+            self._users.popitem(last=False)
+        return entry
 
     def _apply(self, record: dict[str, Any]) -> None:
         with self._lock:
             if record["kind"] == "event":
-                live = self._users.get(record["user_id"])
-                if live is None:
-                    live = self._users[record["user_id"]] = deque(maxlen=self.max_history)
-                live.append((record["offset"], record["item_id"]))
-                self._seen.setdefault(record["user_id"], set()).add(record["item_id"])
+                entry = self._users.get(record["user_id"])
+                if entry is None:  # read from the log, this record included
+                    self._user(record["user_id"])
+                else:
+                    entry[0].append((record["offset"], record["item_id"]))
+                    entry[1].add(record["item_id"])
             elif record["kind"] == "item":
                 self._items.append(record)
                 self._item_ids.add(record["item_id"])
@@ -68,7 +87,6 @@ class LiveState:
             record, erased = self.log.forget(user_id)
             with self._lock:
                 self._users.pop(user_id, None)
-                self._seen.pop(user_id, None)
             self._apply(record)
         return {"offset": record["offset"], "erased_events": erased}
 
@@ -80,12 +98,14 @@ class LiveState:
     def seen_items(self, user_id: str) -> set[str]:
         """Every item the log holds an event of this user with (however long ago)."""
         with self._lock:
-            return set(self._seen.get(user_id, ()))
+            entry = self._user(user_id)
+            return set(entry[1]) if entry else set()
 
     def live_events(self, user_id: str) -> list[tuple[int, str]]:
         """(offset, item_id) of the user's recent events, oldest first."""
         with self._lock:
-            return list(self._users.get(user_id, ()))
+            entry = self._user(user_id)
+            return list(entry[0]) if entry else []
 
     def items_since(self, offset: int) -> list[dict[str, Any]]:
         """Item records at or after ``offset``, in log order."""

@@ -243,6 +243,7 @@ class Recommender:
         state: Any = None,
         user_cache_size: int = 100_000,
         bundle_roots: Sequence[str | Path] | None = None,
+        max_live_users: int = 100_000,
     ):
         """``state``: a shared ``LiveState`` (or its Ray proxy); else one over ``state_dir``.
         ``user_cache_size``: user vectors kept, keyed by model snapshot and the history window
@@ -260,7 +261,7 @@ class Recommender:
         if state is None:
             if state_dir is None:
                 raise TypeError("Recommender: give a state_dir, or a shared state")
-            state = LiveState(state_dir, max_history, fsync)
+            state = LiveState(state_dir, max_history, fsync, max_live_users)
         self.state = state
         self._model = _load_serving_model(self.bundle_path)
         self._reload_lock = threading.Lock()

@@ -377,6 +377,7 @@ class ServeConfig:
     bundle_roots: list[str] | None = None
     state_dir: str | None = None  # the durable event/item log; null: <outputs_root>/serve/state
     max_history: int = 500  # live events kept per user in memory (all of them stay in the log)
+    max_live_users: int = 100000  # users whose live events are in memory; the least recently used are read back from the log
     explain_window: int = 10  # how many recent history items explanations consider
     reason_template: str = "Because you watched {items}"
     max_body_bytes: int = 1048576
@@ -643,6 +644,7 @@ def _validate_serve(cfg: DictConfig, fail) -> None:
     for key, value, low in (
         ("serve.replicas", v.replicas, 1),
         ("serve.max_history", v.max_history, 1),
+        ("serve.max_live_users", v.max_live_users, 1),
         ("serve.explain_window", v.explain_window, 1),
         ("serve.max_body_bytes", v.max_body_bytes, 1024),
     ):

@@ -50,6 +50,7 @@ def service_options(cfg: DictConfig, bundle: Path) -> dict:
         "bundle_path": str(bundle.resolve()),
         "state_dir": state_dir,
         "max_history": v.max_history,
+        "max_live_users": v.max_live_users,
         "explain_window": v.explain_window,
         "reason_template": v.reason_template,
         "fsync": v.fsync,

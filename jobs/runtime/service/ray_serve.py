@@ -54,7 +54,7 @@ def serve_on_ray(cfg: DictConfig, options: dict[str, Any], access) -> None:
         state_actor = (
             ray.remote(LiveState)
             .options(name=STATE_ACTOR, num_cpus=0, max_concurrency=64)
-            .remote(options["state_dir"], options["max_history"], options["fsync"])
+            .remote(options["state_dir"], options["max_history"], options["fsync"], options["max_live_users"])
         )
         stats = ray.get(state_actor.stats.remote())
         serve.start(http_options={"host": v.host, "port": v.port})
