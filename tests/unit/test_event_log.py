@@ -63,23 +63,24 @@ def test_a_write_that_fails_records_nothing_and_frees_its_offset(tmp_path):
     assert EventLog(tmp_path).next_offset == 2
 
 
-def test_a_damaged_record_in_the_middle_is_named_by_file_and_offset(tmp_path):
-    log = EventLog(tmp_path)
-    for k in range(3):
+def _closed_log(folder, events: int):
+    """A state folder whose log holds ``events`` events of one user, closed: a database to damage."""
+    log = EventLog(folder)
+    for k in range(events):
         log.append("event", user_id="u", item_id=f"i{k}")
     log.close()
-    with sqlite3.connect(state_file(tmp_path)) as conn:
+    return sqlite3.connect(state_file(folder))
+
+
+def test_a_damaged_record_in_the_middle_is_named_by_file_and_offset(tmp_path):
+    with _closed_log(tmp_path, 3) as conn:
         conn.execute('UPDATE records SET fields = \'{"user_id": "u", broken\' WHERE offset = 1')
     with pytest.raises(EventLogError, match=rf"{state_file(tmp_path)}, offset 1: its fields are not valid JSON"):
         list(read_log(tmp_path))
 
 
 def test_a_missing_offset_stops_the_open_naming_it(tmp_path):
-    log = EventLog(tmp_path)
-    for k in range(4):
-        log.append("event", user_id="u", item_id=f"i{k}")
-    log.close()
-    with sqlite3.connect(state_file(tmp_path)) as conn:
+    with _closed_log(tmp_path, 4) as conn:
         conn.execute("DELETE FROM records WHERE offset = 1")
     with pytest.raises(EventLogError, match="offset 1 is missing below 3"):
         EventLog(tmp_path)
