@@ -77,6 +77,10 @@ def _record(path: Path, offset: int, kind: str, fields: str) -> dict[str, Any]:
     return {"offset": offset, "kind": kind, **body}
 
 
+def _damaged(path: Path, error: sqlite3.DatabaseError) -> EventLogError:
+    return EventLogError(f"{path}: {error} (check it with: sqlite3 {path} 'PRAGMA integrity_check')")
+
+
 def _rows(conn: sqlite3.Connection, path: Path, start: int, kinds: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
     where = "offset >= ?"
     args: list[object] = [start]
@@ -87,7 +91,7 @@ def _rows(conn: sqlite3.Connection, path: Path, start: int, kinds: tuple[str, ..
         for offset, kind, fields in conn.execute(f"SELECT offset, kind, fields FROM records WHERE {where} ORDER BY offset", args):
             yield _record(path, offset, kind, fields)
     except sqlite3.DatabaseError as e:
-        raise EventLogError(f"{path}: {e} (check it with: sqlite3 {path} 'PRAGMA integrity_check')") from e
+        raise _damaged(path, e) from e
 
 
 def read_log(folder: str | Path, start: int = 0, kinds: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
@@ -142,7 +146,7 @@ class EventLog:
             count, top = self._conn.execute("SELECT COUNT(*), MAX(offset) FROM records").fetchone()
         except sqlite3.DatabaseError as e:
             self._writer.close()
-            raise EventLogError(f"{self.path}: {e} (check it with: sqlite3 {self.path} 'PRAGMA integrity_check')") from e
+            raise _damaged(self.path, e) from e
         if count and top != count - 1:
             first_gap = self._conn.execute("SELECT MIN(offset) + 1 FROM records WHERE offset + 1 NOT IN (SELECT offset FROM records)").fetchone()[0]
             self.close()
@@ -202,7 +206,7 @@ class EventLog:
             try:
                 rows = self._conn.execute("SELECT offset, fields FROM records WHERE user_id = ? ORDER BY offset", (user_id,)).fetchall()
             except sqlite3.DatabaseError as e:
-                raise EventLogError(f"{self.path}: {e} (check it with: sqlite3 {self.path} 'PRAGMA integrity_check')") from e
+                raise _damaged(self.path, e) from e
         return [(offset, _record(self.path, offset, "event", fields)["item_id"]) for offset, fields in rows]
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:

@@ -90,22 +90,18 @@ class LiveState:
             self._apply(record)
         return {"offset": record["offset"], "erased_events": erased}
 
-    def forgotten_at(self, user_id: str) -> int | None:
-        """The log offset at which ``user_id`` was last forgotten (None: never)."""
-        with self._lock:
-            return self._forgotten.get(user_hash(user_id))
-
-    def seen_items(self, user_id: str) -> set[str]:
-        """Every item the log holds an event of this user with (however long ago)."""
+    def user_view(self, user_id: str) -> dict[str, Any]:
+        """What a request needs of one user, in one call (one round trip to a shared state):
+        ``live``, (offset, item_id) of their recent events, oldest first; ``seen``, every item
+        the log holds an event of theirs with, however long ago; ``forgotten_at``, the offset of
+        their latest forget (None: never)."""
         with self._lock:
             entry = self._user(user_id)
-            return set(entry[1]) if entry else set()
-
-    def live_events(self, user_id: str) -> list[tuple[int, str]]:
-        """(offset, item_id) of the user's recent events, oldest first."""
-        with self._lock:
-            entry = self._user(user_id)
-            return list(entry[0]) if entry else []
+            return {
+                "live": list(entry[0]) if entry else [],
+                "seen": set(entry[1]) if entry else set(),
+                "forgotten_at": self._forgotten.get(user_hash(user_id)),
+            }
 
     def items_since(self, offset: int) -> list[dict[str, Any]]:
         """Item records at or after ``offset``, in log order."""
@@ -134,20 +130,14 @@ class RemoteLiveState:
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
         return self._call("append", kind, **fields)
 
-    def live_events(self, user_id: str) -> list[tuple[int, str]]:
-        return self._call("live_events", user_id)
+    def user_view(self, user_id: str) -> dict[str, Any]:
+        return self._call("user_view", user_id)
 
     def items_since(self, offset: int) -> list[dict[str, Any]]:
         return self._call("items_since", offset)
 
-    def seen_items(self, user_id: str) -> set[str]:
-        return self._call("seen_items", user_id)
-
     def forget(self, user_id: str) -> dict[str, Any]:
         return self._call("forget", user_id)
-
-    def forgotten_at(self, user_id: str) -> int | None:
-        return self._call("forgotten_at", user_id)
 
     def stats(self) -> dict[str, Any]:
         return self._call("stats")

@@ -286,9 +286,11 @@ class Recommender:
             if records:
                 self._synced = records[-1]["offset"] + 1
 
-    def history_of(self, m: ServingModel, user_id: str | None, history: Sequence[str] | None) -> tuple[list[int], list[str]]:
+    def history_of(self, m: ServingModel, user_id: str | None, history: Sequence[str] | None) -> tuple[list[int], list[str], set[int]]:
         """(item indices, where each came from) of a request's history: ``history`` if given,
-        else the user's stored history plus every event ingested since the model was made."""
+        else the user's stored history plus every event ingested since the model was made; and
+        the items of every event logged for the user, also those older than the ``max_history``
+        live events the model reads (never recommended again; empty for a given history)."""
         if history is not None:
             idx = []
             for n, item in enumerate(history):
@@ -296,33 +298,27 @@ class Recommender:
                 if i is None:
                     raise ServiceError(404, f"unknown item_id {item!r}", f"history[{n}]")
                 idx.append(i)
-            return idx, ["request"] * len(idx)
+            return idx, ["request"] * len(idx), set()
         if user_id is None:
             raise ServiceError(422, "give a user_id or a history", "user_id")
         stored: list[int] = []
         u = m.bundle.users.index_of(user_id)
-        forgotten = self.state.forgotten_at(user_id)
+        view = self.state.user_view(user_id)
+        forgotten = view["forgotten_at"]
         if forgotten is not None and forgotten >= m.consumed_offset:  # forgotten since this bundle was made: its history is not used
             u = None
         if u is not None:
             stored = m.bundle.users.histories[u].tolist()
-        live = [item for offset, item in self.state.live_events(user_id) if offset >= m.consumed_offset]
+        live = [item for offset, item in view["live"] if offset >= m.consumed_offset]
         if u is None and not live:
             raise ServiceError(404, f"unknown user_id {user_id!r}: no stored history and no ingested event; send events or a history", "user_id")
         found = stored + [m.index_of(item) for item in live]  # None: an item the model lacks
-        return [i for i in found if i is not None], ["stored"] * len(stored) + ["live"] * len(live)
-
-    def _seen_beyond_history(self, m: ServingModel, user_id: str | None) -> set[int]:
-        """The items of every event logged for ``user_id``, also those older than the
-        ``max_history`` live events kept as the model's input: never recommended again."""
-        if user_id is None:
-            return set()
-        found = (m.index_of(item) for item in self.state.seen_items(user_id))
-        return {i for i in found if i is not None}
+        seen = {i for i in map(m.index_of, view["seen"]) if i is not None}
+        return [i for i in found if i is not None], ["stored"] * len(stored) + ["live"] * len(live), seen
 
     def user_state(self, user_id: str) -> dict[str, Any]:
         m = self._model
-        idx, sources = self.history_of(m, user_id, None)
+        idx, sources, _ = self.history_of(m, user_id, None)
         return {"user_id": user_id, "history": [m.item_ids[i] for i in idx], "live_events": sources.count("live"), "model_version": m.version}
 
     # ---- model compute ------------------------------------------------------------------------
@@ -370,12 +366,12 @@ class Recommender:
         self._sync_items()
         m = self._model  # one snapshot for the whole request
         with m.lock.read():
-            hist, _ = self.history_of(m, user_id, history)
+            hist, _, logged = self.history_of(m, user_id, history)
             if not hist:
                 raise ServiceError(422, "the history is empty", "history")
             if not 1 <= k <= m.num_items:
                 raise ServiceError(422, f"k must be in [1, {m.num_items}] (the catalog's size), got {k}", "k")
-            seen = set(hist) | self._seen_beyond_history(m, user_id)
+            seen = set(hist) | logged
             for n, item in enumerate(exclude):
                 i = m.index_of(str(item))
                 if i is None:
@@ -446,13 +442,13 @@ class Recommender:
         m = self._model
         generator = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**63))
         with m.lock.read():
-            hist, _ = self.history_of(m, user_id, history)
+            hist, _, logged = self.history_of(m, user_id, history)
             if not hist:
                 raise ServiceError(422, "the history is empty", "history")
             banned = torch.zeros(m.num_items, dtype=torch.bool)
             if no_repeat:
                 banned[hist] = True
-                banned[list(self._seen_beyond_history(m, user_id))] = True
+                banned[list(logged)] = True
             if no_repeat and length > m.num_items - int(banned.sum()):
                 raise ServiceError(422, f"length {length} exceeds the {m.num_items - int(banned.sum())} items not yet seen", "length")
             vectors = torch.from_numpy(m.vectors)

@@ -12,13 +12,13 @@ def test_users_beyond_max_users_are_evicted_and_read_back_from_the_log(tmp_path)
         for n, user in enumerate(["a", "b", "c", "a", "d"]):
             state.append("event", user_id=user, item_id=f"i{n}")
         assert state.stats()["live_users"] == 2  # the two used last: a and d
-        assert state.live_events("b") == [(1, "i1")]  # evicted, read back from the log
+        assert state.user_view("b")["live"] == [(1, "i1")]  # evicted, read back from the log
         assert state.stats()["live_users"] == 2
         for n in range(5, 9):
             state.append("event", user_id="a", item_id=f"i{n}")
-        assert state.live_events("a") == [(6, "i6"), (7, "i7"), (8, "i8")]  # the last max_history
-        assert state.seen_items("a") == {"i0", "i3", "i5", "i6", "i7", "i8"}  # all of them
-        assert state.live_events("stranger") == [] and state.seen_items("stranger") == set()
+        assert state.user_view("a")["live"] == [(6, "i6"), (7, "i7"), (8, "i8")]  # the last max_history
+        assert state.user_view("a")["seen"] == {"i0", "i3", "i5", "i6", "i7", "i8"}  # all of them
+        assert state.user_view("stranger") == {"live": [], "seen": set(), "forgotten_at": None}
         assert "stranger" not in state._users  # an unknown user takes no memory
     finally:
         state.close()
@@ -34,7 +34,7 @@ def test_a_start_reads_items_and_forgets_but_no_event(tmp_path):
     again = LiveState(tmp_path)
     try:
         assert again.stats()["live_users"] == 0 and [r["item_id"] for r in again.items_since(0)] == ["new"]
-        assert again.forgotten_at("b") == 3 and again.live_events("b") == []
-        assert again.live_events("a") == [(0, "i1")] and again.stats()["live_users"] == 1
+        assert again.user_view("b") == {"live": [], "seen": set(), "forgotten_at": 3}
+        assert again.user_view("a")["live"] == [(0, "i1")] and again.stats()["live_users"] == 1
     finally:
         again.close()
